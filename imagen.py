@@ -1,0 +1,203 @@
+"""The cascade: a chain of text-conditioned U-Nets, each with its own diffusion.
+
+`Stage` is one U-Net plus its diffusion: its `forward` is the training loss (so DDP and torch.compile wrap it
+whole). `Imagen` chains stages: a base model, then super-resolution models conditioned on the previous stage's
+output (Imagen, arXiv 2205.11487 §2.4). Images are in [-1, 1] inside, [0, 1] at the edges.
+"""
+import os
+import pickle
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import registry
+from diffusion import Diffusion
+from unet import Unet
+
+# Per-stage settings merged under each stage's own (plain data, stored in every checkpoint).
+STAGE_DEFAULTS = dict(
+    schedule="cosine", timesteps=1000, target="v", min_snr_gamma=5.0,  # Min-SNR-γ (arXiv 2303.09556)
+    cond_drop_prob=0.1,          # classifier-free guidance training (Ho & Salimans 2022)
+    lowres_aug_max=0.5,          # noise-conditioning augmentation levels drawn from [0, max] (Imagen App. E)
+)
+# Sampling defaults, overridable on every command line; per-stage lists where stages differ.
+SAMPLING_DEFAULTS = dict(
+    sampler="dpmpp-2m", steps=20, cond_scale=3.0, lowres_noise=0.2, threshold="dynamic", threshold_p=0.995,
+)
+
+
+def resize(images, size):
+    """Antialiased bilinear resize of [b, c, h, w] images to size x size, the same in training and sampling."""
+    if images.shape[-1] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def stage_config(stage):
+    """A stage's settings with the defaults filled in."""
+    return {**STAGE_DEFAULTS, **stage}
+
+
+class Stage(nn.Module):
+    """One U-Net of the cascade with its diffusion; calling it returns the training loss."""
+
+    def __init__(self, unet_kwargs, size, text_embed_dim, lowres_size=None, **settings):
+        super().__init__()
+        self.size, self.lowres_size = size, lowres_size
+        self.settings = stage_config(settings)
+        self.unet = Unet(**unet_kwargs, text_embed_dim=text_embed_dim, lowres_cond=lowres_size is not None)
+        s = self.settings
+        self.diffusion = Diffusion(registry.SCHEDULES[s["schedule"]](s["timesteps"]))
+
+    def noised_lowres(self, images, level=None):
+        """The low-res condition: noised at `level` (a fraction of T), or at random levels for training."""
+        b, d = images.shape[0], self.diffusion
+        if level is None:  # noise-conditioning augmentation, one level per sample (Imagen App. E)
+            t = (torch.rand(b, device=images.device) * self.settings["lowres_aug_max"] * (d.num_timesteps - 1))
+            t = t.round().long()  # [b]
+        else:
+            t = d.time_for_noise_level(level, b, images.device)  # [b]
+        return d.q_sample(images, t, torch.randn_like(images)), d.model_time(t)
+
+    def forward(self, images, text_embeds, text_mask):
+        """Diffusion training loss for images [b, c, size, size] in [-1, 1] (Min-SNR weighted)."""
+        d, s = self.diffusion, self.settings
+        lowres = {}
+        if self.lowres_size is not None:  # normalise -> down -> up -> noise, exactly as at sampling
+            small = resize(resize(images, self.lowres_size), self.size)  # [b, c, size, size]
+            lowres["lowres_img"], lowres["lowres_noise_time"] = self.noised_lowres(small)
+        t = d.sample_times(images.shape[0], images.device)  # [b]
+        noise = torch.randn_like(images)
+        x_t = d.q_sample(images, t, noise)
+        out = self.unet(x_t, d.model_time(t), text_embeds, text_mask, cond_drop_prob=s["cond_drop_prob"], **lowres)
+        target = d.training_target(images, noise, t, s["target"])
+        mse = (out.float() - target).pow(2).mean(dim=(1, 2, 3))  # [b]
+        return (mse * d.loss_weight(t, s["target"], s["min_snr_gamma"])).mean()
+
+    @torch.no_grad()
+    def sample(self, text_embeds, text_mask, prev=None, *, sampler, steps, cond_scale, lowres_noise, threshold,
+               generator=None):
+        """Images [b, c, size, size] in [-1, 1] from noise, conditioned on text and the previous stage's output."""
+        b, d = text_embeds.shape[0], self.diffusion
+        lowres = {}
+        if self.lowres_size is not None:
+            lowres["lowres_img"], lowres["lowres_noise_time"] = self.noised_lowres(resize(prev, self.size),
+                                                                                   lowres_noise)
+
+        def denoise(x, t):
+            return self.unet.forward_with_cond_scale(x, d.model_time(t), text_embeds, text_mask,
+                                                     cond_scale=cond_scale, **lowres).float()
+
+        shape = (b, self.unet.channels, self.size, self.size)
+        x = torch.randn(shape, device=text_embeds.device, generator=generator)
+        return registry.SAMPLERS[sampler](denoise, x, d, steps, target=self.settings["target"],
+                                          threshold=threshold, generator=generator)
+
+
+def build_stages(config):
+    """nn.ModuleList of Stages from a cascade config (the dict every checkpoint stores)."""
+    stages, sizes = config["stages"], [s["size"] for s in config["stages"]]
+    return nn.ModuleList(
+        Stage(s["unet_kwargs"], s["size"], config["text_embed_dim"], sizes[k - 1] if k else None,
+              **{key: v for key, v in s.items() if key in STAGE_DEFAULTS})
+        for k, s in enumerate(stages))
+
+
+def per_stage(value, n):
+    """Broadcast a scalar or a one-item list to n stages; a list of n passes through."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if len(values) == 1:
+        values = list(values) * n
+    if len(values) != n:
+        raise ValueError(f"got {len(values)} per-stage values {list(values)}; expected 1 or {n} (one per U-Net)")
+    return list(values)
+
+
+class Imagen(nn.Module):
+    """A cascade of Stages; `sample` runs the chain."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.stages = build_stages(config)
+
+    @torch.no_grad()
+    def sample(self, text_embeds, text_mask, *, stop_at=None, start_at=0, start_images=None, generator=None,
+               **options):
+        """Run stages [start_at, stop_at) on text embeddings [b, n, d]; images [b, c, s, s] in [0, 1].
+
+        `options` override the config's sampling settings; steps and cond_scale may be per-stage lists.
+        """
+        n = len(self.stages)
+        stop_at = n if stop_at is None else stop_at
+        if not 0 <= start_at < stop_at <= n:
+            raise ValueError(f"stages [{start_at}, {stop_at}) out of range; this cascade has {n} U-Nets")
+        opts = {**SAMPLING_DEFAULTS, **self.config.get("sampling", {}),
+                **{k: v for k, v in options.items() if v is not None}}
+        threshold = make_threshold(opts["threshold"], opts["threshold_p"])
+        steps, scales = per_stage(opts["steps"], n), per_stage(opts["cond_scale"], n)
+        images = None if start_images is None else start_images * 2 - 1
+        for k in range(start_at, stop_at):
+            images = self.stages[k].sample(text_embeds, text_mask, images, sampler=opts["sampler"], steps=steps[k],
+                                           cond_scale=scales[k], lowres_noise=opts["lowres_noise"],
+                                           threshold=threshold, generator=generator)
+        return ((images + 1) / 2).clamp(0, 1)
+
+
+def make_threshold(name, p):
+    """The x0 threshold function by name; `p` is the dynamic-thresholding percentile (Imagen §2.3)."""
+    fn = registry.THRESHOLDS[name]
+    if registry.THRESHOLDS.canonical(name) == "dynamic":
+        return lambda x0: fn(x0, p)
+    return fn
+
+
+# ---- checkpoints: one self-describing file per U-Net, so stages can train as parallel jobs in one folder ----
+
+def checkpoint_path(out_dir, k):
+    return os.path.join(out_dir, f"unet{k}.pt")
+
+
+def save_checkpoint(state, path):
+    """Write atomically: a crash mid-save leaves the previous checkpoint intact."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """Load a checkpoint dict without unpickling code (torch.load weights_only=True)."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"refusing to load {path}: it is not a plain-data checkpoint ({str(e).splitlines()[0]})")
+
+
+def find_checkpoints(ckpt):
+    """{stage index: file} for a checkpoint folder, or for the folder of one checkpoint file."""
+    folder = ckpt if os.path.isdir(ckpt) else os.path.dirname(ckpt) or "."
+    if not os.path.exists(ckpt):
+        raise ValueError(f"--ckpt {ckpt!r} does not exist; pass a training --out folder or a unetK.pt file in it")
+    found = {int(m.group(1)): os.path.join(folder, f) for f in os.listdir(folder)
+             if (m := re.fullmatch(r"unet(\d+)\.pt", f))}
+    if not found:
+        raise ValueError(f"no unetK.pt checkpoint in {folder!r}")
+    return found
+
+
+def load_cascade(ckpt, device="cpu", ema=True):
+    """(Imagen with trained weights, number of leading stages that have weights) from a checkpoint folder/file."""
+    files = find_checkpoints(ckpt)
+    states = {k: load_checkpoint(f, device) for k, f in files.items()}
+    imagen = Imagen(next(iter(states.values()))["config"]).to(device).eval()
+    for k, state in states.items():
+        imagen.stages[k].unet.load_state_dict(state["ema" if ema else "model"])
+    trained = 0
+    while trained in states:
+        trained += 1
+    return imagen, trained

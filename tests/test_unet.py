@@ -1,0 +1,172 @@
+"""Tests for unet.py: presets, shapes, gradients, text conditioning and masking, guidance, bad input."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import registry
+from unet import Unet, parameter_table
+
+TEXT_DIM = 12
+# BaseTest with self- and cross-attention at every level, so that every attention path is exercised.
+ATTN_TEST = dict(registry.UNETS["BaseTest"], layer_attns=True, layer_cross_attns=True)
+SMALL_PRESETS = ["BaseTest", "SuperTest", "BaseSmall", "SuperSmall"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and then do not fight other processes for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def preset_kwargs(preset):
+    """A preset (name or dict) as the cascade builds it: Super* presets as super-resolution stages."""
+    return dict(registry.UNETS[preset], lowres_cond=preset.startswith("Super")) if isinstance(preset, str) else preset
+
+
+def make_unet(preset, seed=0):
+    """A U-Net with a random (not zero) final conv, so that its output depends on everything before it."""
+    torch.manual_seed(seed)
+    unet = Unet(**preset_kwargs(preset), text_embed_dim=TEXT_DIM)
+    torch.nn.init.normal_(unet.final_conv.weight, std=0.1)
+    return unet
+
+
+def make_inputs(unet, batch=2, size=8, text_len=5, seed=1):
+    """Random (x, time, text_embeds, text_mask) and the low-res kwargs the U-Net needs; the first token is real."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, unet.channels, size, size, generator=g)
+    text = torch.randn(batch, text_len, TEXT_DIM, generator=g)
+    mask = torch.rand(batch, text_len, generator=g) > 0.3
+    mask[:, 0] = True
+    lowres = {}
+    if unet.lowres_cond:
+        lowres = dict(lowres_img=torch.randn(x.shape, generator=g), lowres_noise_time=torch.rand(batch, generator=g))
+    return (x, torch.rand(batch, generator=g), text, mask), lowres
+
+
+def test_every_preset_builds_and_reports_its_size():
+    rows = parameter_table({name: preset_kwargs(name) for name in registry.UNETS.names()})
+    print("\n" + "\n".join(f"{name:<12}{params:>15,}" for name, params in rows))
+    sizes = dict(rows)
+    assert set(sizes) == set(registry.UNETS.names())
+    assert 1.5e9 < sizes["Base"] < 1.8e9  # ~1.6B with 512-d text, as in the references
+    assert sizes["BaseTest"] < 1e5 and sizes["SuperTest"] < 1e5  # MinImagen's BaseTest built the 1.6B Base
+
+
+def test_preset_names_are_case_and_separator_insensitive():
+    assert registry.UNETS["base-test"] is registry.UNETS["BaseTest"] is registry.UNETS["basetest"]
+    assert registry.UNETS["super_small"] is registry.UNETS["SuperSmall"]
+
+
+@pytest.mark.parametrize("preset", SMALL_PRESETS)
+def test_forward_backward_gives_finite_gradients_for_every_parameter(preset):
+    unet = make_unet(preset)
+    args, lowres = make_inputs(unet, size=16)
+    out = unet.forward_with_cond_scale(*args, cond_scale=3.0, **lowres)  # both halves: every parameter takes part
+    assert out.shape == args[0].shape
+    out.square().mean().backward()
+    for name, p in unet.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_untrained_unet_predicts_zero():
+    unet = Unet(**registry.UNETS["BaseTest"], text_embed_dim=TEXT_DIM)
+    args, _ = make_inputs(unet)
+    assert unet(*args).eq(0).all()
+
+
+@pytest.mark.parametrize("preset", ["BaseTest", ATTN_TEST])
+def test_dropped_text_is_ignored_and_kept_text_matters(preset):
+    unet = make_unet(preset)
+    (x, t, text, mask), _ = make_inputs(unet)
+    other = torch.randn_like(text)
+    dropped = [unet(x, t, tx, mask, cond_drop_prob=1.0) for tx in (text, other)]
+    kept = [unet(x, t, tx, mask, cond_drop_prob=0.0) for tx in (text, other)]
+    torch.testing.assert_close(dropped[0], dropped[1], rtol=0, atol=0)
+    assert (kept[0] - kept[1]).abs().max() > 1e-4
+
+
+@settings(max_examples=25, deadline=None)
+@given(extra=st.integers(1, 20), real=st.integers(1, 8))
+def test_padding_tokens_do_not_change_the_output(extra, real):
+    unet = make_unet(ATTN_TEST)  # max_text_len 16: with extra padding the text is also truncated
+    (x, t, _, _), _ = make_inputs(unet)
+    text = torch.randn(2, real, TEXT_DIM)
+    mask = torch.ones(2, real, dtype=torch.bool)
+    padded_text = torch.cat((text, torch.randn(2, extra, TEXT_DIM)), dim=1)  # garbage under mask False
+    padded_mask = torch.cat((mask, torch.zeros(2, extra, dtype=torch.bool)), dim=1)
+    torch.testing.assert_close(unet(x, t, padded_text, padded_mask), unet(x, t, text, mask), rtol=0, atol=1e-6)
+
+
+def test_kept_text_masks_out_the_null_tokens_and_dropped_text_attends_them():
+    unet = make_unet(ATTN_TEST)
+    args, _ = make_inputs(unet)  # the mask has False entries and the text is shorter than max_text_len
+    kept, dropped = unet(*args), unet(*args, cond_drop_prob=1.0)
+    with torch.no_grad():
+        unet.null_text_tokens.add_(torch.randn_like(unet.null_text_tokens))
+    torch.testing.assert_close(unet(*args), kept, rtol=0, atol=1e-6)
+    assert (unet(*args, cond_drop_prob=1.0) - dropped).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("preset", ["BaseTest", "SuperTest"])
+def test_batched_guidance_equals_the_two_pass_formula(preset):
+    unet = make_unet(preset)
+    args, lowres = make_inputs(unet, batch=3)
+    scale = 4.0
+    cond, null = (unet(*args, cond_drop_prob=p, **lowres) for p in (0.0, 1.0))
+    guided = unet.forward_with_cond_scale(*args, cond_scale=scale, **lowres)
+    torch.testing.assert_close(guided, null + (cond - null) * scale, rtol=0, atol=1e-5)
+    torch.testing.assert_close(unet.forward_with_cond_scale(*args, cond_scale=1.0, **lowres), cond)
+
+
+def test_super_resolution_output_depends_on_the_low_res_image():
+    unet = make_unet("SuperTest")
+    args, lowres = make_inputs(unet)
+    other = dict(lowres, lowres_img=torch.randn_like(lowres["lowres_img"]))
+    assert (unet(*args, **lowres) - unet(*args, **other)).abs().max() > 1e-4
+
+
+def test_channels_last_and_bf16_autocast():
+    unet = make_unet(ATTN_TEST)
+    (x, *rest), _ = make_inputs(unet, size=16)
+    reference = unet(x, *rest)
+    x_cl = x.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(unet(x_cl, *rest), reference, rtol=1e-4, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = unet(x_cl, *rest, cond_drop_prob=0.5)
+    out.float().square().mean().backward()
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda x, text: (x[:, :2], text), "image has 2 channels; this U-Net takes 3"),
+    (lambda x, text: (x[..., :6, :6], text), "image size 6x6 is not divisible by 4"),
+    (lambda x, text: (x, text[..., :5]), "text embeddings are 5 wide; this U-Net takes text_embed_dim=12"),
+])
+def test_bad_input_gives_a_one_line_value_error(change, expected):
+    unet = make_unet("SuperTest")  # efficient with 2 levels: sides must be multiples of 4
+    (x, t, text, mask), lowres = make_inputs(unet)
+    x, text = change(x, text)
+    lowres["lowres_img"] = lowres["lowres_img"][:, :x.shape[1], :x.shape[2], :x.shape[3]]
+    with pytest.raises(ValueError, match=expected) as error:
+        unet(x, t, text, mask, **lowres)
+    assert "\n" not in str(error.value)
+
+
+def test_missing_or_unexpected_low_res_input_is_a_value_error():
+    unet = make_unet("SuperTest")
+    args, _ = make_inputs(unet)
+    with pytest.raises(ValueError, match="lowres_cond=True.*needs both"):
+        unet(*args)
+    with pytest.raises(ValueError, match="lowres_cond=False.*needs neither"):
+        make_unet("BaseTest")(*args, lowres_img=args[0], lowres_noise_time=args[1])
+
+
+def test_bad_preset_values_are_value_errors():
+    with pytest.raises(ValueError, match=r"unknown unet preset 'bsae'; choose from: BaseTest, SuperTest"):
+        registry.UNETS["bsae"]
+    with pytest.raises(ValueError, match=r"num_resnet_blocks=\(1, 2, 3\) has 3 entries; give one value or 2"):
+        Unet(**dict(registry.UNETS["BaseTest"], num_resnet_blocks=(1, 2, 3)), text_embed_dim=TEXT_DIM)

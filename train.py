@@ -1,0 +1,336 @@
+"""Train an Imagen cascade: `python train.py` trains the default CPU cascade on the built-in shapes data.
+
+Every listed U-Net trains in turn from one command; `--only-unet K` trains one, so stages can run as parallel
+jobs writing to the same --out folder (one checkpoint file per U-Net). Re-running the same command resumes
+exactly. Multi-GPU: `torchrun --nproc_per_node=N train.py ...` (DDP, detected from torchrun's env vars).
+"""
+import argparse
+import contextlib
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel
+from tqdm import tqdm
+
+import data
+import imagen
+import registry
+import text
+from sample import save_grid
+
+SAMPLE_PROMPTS = data.shapes_captions(8, seed=1234)
+MAX_BAD_STEPS = 10  # consecutive non-finite losses before training stops
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--unets", default="base-small,super-small", help="comma list of U-Net presets: " + ", ".join(registry.UNETS.names()))
+    a("--sizes", default="32,64", help="comma list of image sizes, one per U-Net, increasing")
+    a("--data", default="shapes", help="'shapes' (built-in), an image+caption folder, or a folder of .tar shards")
+    a("--encoder", default="minilm", help="text encoder: " + ", ".join(registry.ENCODERS.names()) + ", a HF id or a folder")
+    a("--steps", default="0", help="optimizer steps per U-Net (comma list or one value; 0 = no step limit)")
+    a("--minutes", default="13,5", help="training minutes per U-Net (comma list or one value; 0 = no time limit)")
+    a("--batch-size", type=int, default=32, help="images per optimizer micro-step, per process")
+    a("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    a("--lr", type=float, default=1e-3, help="AdamW learning rate after warmup")
+    a("--warmup", type=int, default=100, help="linear learning-rate warmup steps")
+    a("--grad-clip", type=float, default=1.0, help="max global gradient norm")
+    a("--ema-decay", type=float, default=0.995, help="EMA decay, warmed up as min(decay, (1+n)/(10+n))")
+    a("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast precision")
+    a("--compile", action="store_true", help="torch.compile each stage")
+    a("--target", default="v", help="prediction target per U-Net: eps, x0 or v (comma list or one value)")
+    a("--schedule", default="cosine", help="noise schedule per U-Net: " + ", ".join(registry.SCHEDULES.names()))
+    a("--timesteps", default="1000", help="diffusion steps T per U-Net")
+    a("--min-snr-gamma", default="5", help="Min-SNR-γ loss weighting per U-Net (0 = off)")
+    a("--cond-drop-prob", type=float, default=0.1, help="probability of dropping the text (classifier-free guidance)")
+    a("--cond-scale", default="3", help="default guidance scale per U-Net, stored for sampling")
+    a("--sample-steps", default="20", help="default sampler steps per U-Net, stored for sampling")
+    a("--seed", type=int, default=0)
+    a("--out", default="out", help="checkpoint/log/sample folder; re-running with the same folder resumes")
+    a("--only-unet", type=int, default=None, help="train only U-Net K (0-based), e.g. as one of parallel jobs")
+    a("--sample-every", type=int, default=0, help="write a sample grid every N steps (0 = only at the end)")
+    a("--save-every", type=int, default=500, help="write a checkpoint every N steps (and at the end)")
+    a("--log-every", type=int, default=10, help="append to log.jsonl every N steps")
+    a("--workers", type=int, default=1, help="DataLoader worker processes")
+    a("--cache-dir", default=os.path.expanduser("~/.cache/nanoimagen/text"), help="text-embedding cache folder")
+    return p.parse_args(argv)
+
+
+def csv(value, cast, n, flag):
+    """Parse a comma list for `flag`, broadcast to n U-Nets (n=None: as given)."""
+    try:
+        values = [cast(v) for v in str(value).split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} {value!r} is not a comma list of {cast.__name__}") from None
+    try:
+        return values if n is None else imagen.per_stage(values, n)
+    except ValueError as e:
+        raise ValueError(f"{flag}: {e}") from None
+
+
+def build_config(args, text_dim):
+    """The whole cascade as plain data: everything sample.py needs to rebuild it."""
+    names = args.unets.split(",")
+    n = len(names)
+    sizes = csv(args.sizes, int, None, "--sizes")
+    if len(sizes) != n:
+        raise ValueError(f"--sizes {args.sizes!r} gives {len(sizes)} sizes for {n} U-Nets {names}")
+    if sizes != sorted(set(sizes)):
+        raise ValueError(f"--sizes {args.sizes!r} must be strictly increasing")
+    per = dict(target=csv(args.target, str, n, "--target"), schedule=csv(args.schedule, str, n, "--schedule"),
+               timesteps=csv(args.timesteps, int, n, "--timesteps"),
+               min_snr_gamma=csv(args.min_snr_gamma, float, n, "--min-snr-gamma"))
+    stages = []
+    for k, name in enumerate(names):
+        stages.append(dict(unet=registry.UNETS.canonical(name), unet_kwargs=dict(registry.UNETS[name]),
+                           size=sizes[k], target=per["target"][k], schedule=registry.SCHEDULES.canonical(per["schedule"][k]),
+                           timesteps=per["timesteps"][k], min_snr_gamma=per["min_snr_gamma"][k] or None,
+                           cond_drop_prob=args.cond_drop_prob))
+    sampling = dict(cond_scale=csv(args.cond_scale, float, n, "--cond-scale"),
+                    steps=csv(args.sample_steps, int, n, "--sample-steps"))
+    return dict(encoder=args.encoder, text_embed_dim=text_dim,
+                max_text_len=max(s["unet_kwargs"]["max_text_len"] for s in stages),
+                stages=stages, sampling=sampling)
+
+
+def setup_distributed():
+    """(rank, world_size, device) from torchrun's env vars; single process without them."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, local = dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local)
+    return rank, dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+class IndexStream(torch.utils.data.Sampler):
+    """Endless dataset indices for one rank, starting at global sample `start`: seeded per-epoch shuffles, so
+    a resumed run reads exactly the samples it would have read."""
+
+    def __init__(self, n, seed, start, rank, world_size, shuffle):
+        self.n, self.seed, self.start, self.rank, self.world, self.shuffle = n, seed, start, rank, world_size, shuffle
+
+    def __iter__(self):
+        g, epoch, perm = self.start + self.rank, None, None
+        while True:
+            e, i = divmod(g, self.n)
+            if self.shuffle and e != epoch:
+                epoch, perm = e, torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + e))
+            yield int(perm[i]) if self.shuffle else i
+            g += self.world
+
+
+def make_loader(args, size, position, rank, world):
+    """DataLoader over the training data from global sample `position`, split by rank."""
+    ds = data.make_dataset(args.data, size, seed=args.seed, rank=rank, world_size=world)
+    kw = dict(batch_size=args.batch_size, num_workers=args.workers, collate_fn=data.collate,
+              persistent_workers=args.workers > 0)
+    if isinstance(ds, torch.utils.data.IterableDataset):  # shards stream; they resume at a shard boundary
+        return torch.utils.data.DataLoader(ds, **kw)
+    sampler = IndexStream(len(ds), args.seed, position, rank, world, shuffle=args.data != "shapes")
+    return torch.utils.data.DataLoader(ds, sampler=sampler, **kw)
+
+
+def ema_multi_avg(decay):
+    """EMA update for AveragedModel with warmup: decay_n = min(decay, (1 + n) / (10 + n))."""
+    def update(ema_params, params, n):
+        d = min(decay, (1 + float(n)) / (10 + float(n)))
+        torch._foreach_lerp_(ema_params, params, 1 - d)
+    return update
+
+
+class Trainer:
+    """Optimizer, EMA, scaler and position of one stage; `step()` does one optimizer step."""
+
+    def __init__(self, args, cascade, k, device, rank, world):
+        self.args, self.k, self.device, self.rank, self.world = args, k, device, rank, world
+        self.stage = cascade.stages[k].to(device, memory_format=torch.channels_last)
+        self.opt = torch.optim.AdamW(self.stage.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
+        self.ema = AveragedModel(self.stage.unet, multi_avg_fn=ema_multi_avg(args.ema_decay), use_buffers=True)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+        self.step, self.position, self.elapsed, self.skipped, self.bad_steps = 0, 0, 0.0, 0, 0
+        self.path = imagen.checkpoint_path(args.out, k)
+        model = DistributedDataParallel(self.stage) if world > 1 else self.stage
+        self.model = torch.compile(model) if args.compile else model
+        self.autocast = dict(device_type=device.type, dtype=torch.bfloat16 if args.precision == "bf16" else torch.float16,
+                             enabled=args.precision != "fp32")
+
+    def state(self, config):
+        return dict(config=config, unet=self.k, model=self.stage.unet.state_dict(), ema=self.ema.module.state_dict(),
+                    ema_n=self.ema.n_averaged, optimizer=self.opt.state_dict(), scaler=self.scaler.state_dict(),
+                    step=self.step, position=self.position, elapsed=self.elapsed, skipped=self.skipped)
+
+    def resume(self, config):
+        """Load this stage's checkpoint if one exists; refuse one from a different cascade."""
+        if not os.path.exists(self.path):
+            return
+        s = imagen.load_checkpoint(self.path, self.device)
+        if s["config"]["stages"][self.k] != config["stages"][self.k]:
+            raise SystemExit(f"error: {self.path} holds a different U-Net {self.k} than this command builds; "
+                             "use another --out or the command that made it")
+        self.stage.unet.load_state_dict(s["model"])
+        self.ema.module.load_state_dict(s["ema"])
+        self.ema.n_averaged.copy_(s["ema_n"])
+        self.opt.load_state_dict(s["optimizer"])
+        self.scaler.load_state_dict(s["scaler"])
+        self.step, self.position, self.elapsed, self.skipped = s["step"], s["position"], s["elapsed"], s["skipped"]
+
+    def save(self, config):
+        if self.rank == 0:
+            imagen.save_checkpoint(self.state(config), self.path)
+
+    def lr(self):
+        return self.args.lr * min(1.0, (self.step + 1) / max(1, self.args.warmup))
+
+    def step_on(self, micro_batches):
+        """One optimizer step over [(images [b,3,s,s] in [-1,1], text embeds, mask)]; False if the loss was not finite."""
+        torch.manual_seed(hash((self.args.seed, self.k, self.rank, self.step)) % 2**63)  # exact resume, no RNG state
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr()
+        total = 0.0
+        for i, (images, emb, mask) in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            sync = self.model.no_sync() if self.world > 1 and not last else contextlib.nullcontext()
+            with sync, torch.autocast(**self.autocast):
+                loss = self.model(images, emb, mask) / len(micro_batches)
+            self.scaler.scale(loss).backward()
+            total += loss.detach()
+        self.scaler.unscale_(self.opt)
+        norm = torch.nn.utils.clip_grad_norm_(self.stage.parameters(), self.args.grad_clip)
+        finite = bool(torch.isfinite(total) and torch.isfinite(norm))
+        if finite:
+            self.scaler.step(self.opt)
+            self.ema.update_parameters(self.stage.unet)
+            self.step += 1
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        self.bad_steps = 0 if finite else self.bad_steps + 1
+        return float(total), finite
+
+
+def batches(loader, cache, size, device, trainer):
+    """Endless (images, embeds, mask) micro-batches at the stage size; counts skipped samples."""
+    for images, captions, skipped in loader:
+        trainer.skipped += skipped
+        trainer.position += (len(captions) + skipped) * trainer.world
+        if not captions:
+            continue
+        emb, mask = cache(captions)  # [b, n, d], [b, n]: cached, never re-encoded
+        images = imagen.resize(images.to(device).float() / 127.5 - 1, size)  # [b, 3, size, size] in [-1, 1]
+        yield images.contiguous(memory_format=torch.channels_last), emb.to(device), mask.to(device)
+
+
+@contextlib.contextmanager
+def ema_weights(trainers):
+    """Temporarily put each trained stage's EMA U-Net into the cascade (for sample grids)."""
+    raw = {k: t.stage.unet for k, t in trainers.items()}
+    for t in trainers.values():
+        t.stage.unet = t.ema.module
+    try:
+        yield
+    finally:
+        for k, t in trainers.items():
+            t.stage.unet = raw[k]
+
+
+def write_grid(cascade, trainers, cache, k, path, device):
+    """Sample the fixed prompts through stages 0..k with EMA weights into a PNG grid."""
+    emb, mask = cache(SAMPLE_PROMPTS)
+    with ema_weights(trainers):
+        images = cascade.sample(emb.to(device), mask.to(device), stop_at=k + 1,
+                                generator=torch.Generator(device).manual_seed(0))
+    save_grid(images, path, nrow=4)
+    return path
+
+
+def train_stage(args, config, cascade, trainers, k, cache, log):
+    """Train stage k until its step or time budget runs out."""
+    t, stage_cfg = trainers[k], config["stages"][k]
+    steps, minutes = args.step_limits[k], args.minute_limits[k]
+    done = lambda: (steps and t.step >= steps) or (minutes and t.elapsed >= minutes * 60)
+    if done():
+        return
+    loader = make_loader(args, config["stages"][-1]["size"], t.position, t.rank, t.world)
+    stream = batches(loader, cache, stage_cfg["size"], t.device, t)
+    bar = tqdm(total=steps or None, initial=t.step, desc=f"unet{k} {stage_cfg['unet']}", disable=t.rank != 0)
+    while not done():
+        start = time.perf_counter()
+        loss, finite = t.step_on([next(stream) for _ in range(args.grad_accum)])
+        t.elapsed += time.perf_counter() - start
+        ips = args.batch_size * args.grad_accum * t.world / (time.perf_counter() - start)
+        bar.update(int(finite))
+        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.1f}")
+        if not finite:
+            log(dict(unet=k, step=t.step, event="non-finite loss, step skipped", loss=loss))
+            if t.bad_steps >= MAX_BAD_STEPS:
+                raise SystemExit(f"error: {MAX_BAD_STEPS} non-finite losses in a row at unet{k} step {t.step}; "
+                                 f"stopping, the last good checkpoint {t.path} is intact (try a lower --lr)")
+            continue
+        if t.step % args.log_every == 0:
+            log(dict(unet=k, step=t.step, loss=loss, lr=t.lr(), img_per_s=round(ips, 1), skipped=t.skipped,
+                     minutes=round(t.elapsed / 60, 2)))
+        if args.save_every and t.step % args.save_every == 0:
+            t.save(config)
+        if args.sample_every and t.step % args.sample_every == 0 and t.rank == 0:
+            write_grid(cascade, trainers, cache, k, os.path.join(args.out, f"samples-unet{k}-{t.step:06d}.png"), t.device)
+    bar.close()
+    t.save(config)
+    log(dict(unet=k, step=t.step, event="done", minutes=round(t.elapsed / 60, 2), skipped=t.skipped))
+
+
+def prepare(args):
+    """(config, resolved encoder) from the flags; every name is checked before anything heavy is loaded."""
+    names = args.unets.split(",")
+    if args.only_unet is not None and not 0 <= args.only_unet < len(names):
+        raise ValueError(f"--only-unet {args.only_unet} out of range; U-Nets are 0..{len(names) - 1} ({args.unets})")
+    for name in names:
+        registry.UNETS.canonical(name)
+    n = len(names)
+    args.step_limits, args.minute_limits = csv(args.steps, int, n, "--steps"), csv(args.minutes, float, n, "--minutes")
+    if not all(s or m for s, m in zip(args.step_limits, args.minute_limits)):
+        raise ValueError(f"--steps {args.steps!r} and --minutes {args.minutes!r} leave a U-Net without any limit")
+    encoder = text.resolve(args.encoder, registry.ENCODERS)
+    return build_config(args, text.encoder_dim(encoder)), encoder
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        config, encoder = prepare(args)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    rank, world, device = setup_distributed()
+    os.makedirs(args.out, exist_ok=True)
+    cache = text.EmbeddingCache(args.cache_dir, encoder, config["max_text_len"], device=device)
+    if args.data == "shapes" and rank == 0:
+        cache.precompute(data.all_shapes_captions())
+    cascade = imagen.Imagen(config).to(device)
+    todo = [args.only_unet] if args.only_unet is not None else range(len(config["stages"]))
+    trainers = {k: Trainer(args, cascade, k, device, rank, world) for k in todo}
+    for t in trainers.values():
+        t.resume(config)
+    log_file = open(os.path.join(args.out, "log.jsonl"), "a") if rank == 0 else None
+
+    def log(record):
+        if log_file:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+
+    for k in todo:
+        train_stage(args, config, cascade, trainers, k, cache, log)
+    if rank == 0:
+        path = write_grid(cascade, trainers, cache, max(todo), os.path.join(args.out, "samples.png"), device)
+        print(f"checkpoints in {args.out}/, samples in {path}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
