@@ -88,7 +88,7 @@ class Diffusion(torch.nn.Module):
         return (xt - alpha * x0) / sigma
 
     def v_from(self, x0, eps, t):
-        """v = α_t eps - σ_t x0 (Salimans & Ho 2022, §4)."""
+        """v = α_t eps - σ_t x0 (Salimans & Ho 2022, §4 and App. D)."""
         alpha, sigma = self._alpha_sigma(t, x0)
         return alpha * eps - sigma * x0
 
@@ -141,10 +141,11 @@ class Diffusion(torch.nn.Module):
         return torch.randint(self.num_timesteps, (batch,), device=device, generator=generator)
 
     def time_for_noise_level(self, level, batch, device):
-        """The time round(level * (T-1)) for a noise level in [0, 1], LongTensor [batch]."""
-        if not 0 <= level <= 1:
-            raise ValueError(f"noise level must be in [0, 1], got {level}")
-        return torch.full((batch,), round(level * (self.num_timesteps - 1)), dtype=torch.long, device=device)
+        """The times round(level * (T-1)) for noise levels in [0, 1] (a float, or a tensor [batch]), LongTensor [batch]."""
+        level = torch.as_tensor(level, dtype=torch.float64, device=device).expand(batch)  # [batch]
+        if not ((level >= 0) & (level <= 1)).all():
+            raise ValueError(f"noise level must be in [0, 1], got {level.unique().tolist()}")
+        return (level * (self.num_timesteps - 1)).round().long()
 
     def model_time(self, t):
         """The time fed to the U-Net: t / (T-1) in [0, 1], float [b]."""
@@ -193,12 +194,13 @@ def _alphas_sigmas(diffusion, timesteps):
 def _predict_x0(denoise, x, diffusion, t, target, threshold):
     """The model's thresholded x0 prediction at integer time t, and t as LongTensor [b]."""
     _check_target(target)
-    t = torch.full(x.shape[:1], t, dtype=torch.long, device=x.device)  # [b]
-    x0, _ = diffusion.x0_eps_from_output(denoise(x, t).float(), x, t, target)
-    return threshold(x0), t
+    t_batch = torch.full(x.shape[:1], t, dtype=torch.long, device=x.device)  # [b]
+    x0, _ = diffusion.x0_eps_from_output(denoise(x, t_batch).float(), x, t_batch, target)
+    return threshold(x0), t_batch
 
 
 def _noise(x, generator):
+    """Standard Gaussian noise shaped like x, drawn from `generator`."""
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
@@ -206,9 +208,9 @@ def sample_ddpm(denoise, x, diffusion, steps, *, target, threshold=dynamic_thres
     """Ancestral sampling (Ho et al. 2020, Algorithm 2); steps < T uses the respaced chain (Nichol & Dhariwal 2021)."""
     timesteps = sampling_timesteps(diffusion.num_timesteps, steps)
     chain = diffusion.respaced(timesteps).to(x.device)
-    for i, t in zip(range(steps - 1, -1, -1), timesteps):
+    for chain_t, t in zip(range(steps - 1, -1, -1), timesteps):
         x0, t_batch = _predict_x0(denoise, x, diffusion, t, target, threshold)
-        mean, variance, _ = chain.posterior(x0, x, torch.full_like(t_batch, i))
+        mean, variance, _ = chain.posterior(x0, x, torch.full_like(t_batch, chain_t))
         x = mean + variance.sqrt() * _noise(x, generator)  # variance is 0 on the last step: x = x0
     return x
 

@@ -54,11 +54,9 @@ class Stage(nn.Module):
     def noised_lowres(self, images, level=None):
         """The low-res condition: noised at `level` (a fraction of T), or at random levels for training."""
         b, d = images.shape[0], self.diffusion
-        if level is None:  # noise-conditioning augmentation, one level per sample (Imagen App. E)
-            t = (torch.rand(b, device=images.device) * self.settings["lowres_aug_max"] * (d.num_timesteps - 1))
-            t = t.round().long()  # [b]
-        else:
-            t = d.time_for_noise_level(level, b, images.device)  # [b]
+        if level is None:  # noise-conditioning augmentation, one random level per sample (Imagen App. E)
+            level = torch.rand(b, device=images.device) * self.settings["lowres_aug_max"]  # [b]
+        t = d.time_for_noise_level(level, b, images.device)  # [b]
         return d.q_sample(images, t, torch.randn_like(images)), d.model_time(t)
 
     def forward(self, images, text_embeds, text_mask):

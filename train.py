@@ -23,6 +23,7 @@ import text
 from sample import save_grid
 
 SAMPLE_PROMPTS = data.shapes_captions(8, seed=1234)
+DEFAULT_MINUTES = "13,5"  # the default cascade's budget: 20 minutes in all on a 2-core CPU, with start-up and samples
 MAX_BAD_STEPS = 10  # consecutive non-finite losses before training stops
 
 
@@ -34,7 +35,8 @@ def parse_args(argv=None):
     a("--data", default="shapes", help="'shapes' (built-in), an image+caption folder, or a folder of .tar shards")
     a("--encoder", default="minilm", help="text encoder: " + ", ".join(registry.ENCODERS.names()) + ", a HF id or a folder")
     a("--steps", default="0", help="optimizer steps per U-Net (comma list or one value; 0 = no step limit)")
-    a("--minutes", default="13,5", help="training minutes per U-Net (comma list or one value; 0 = no time limit)")
+    a("--minutes", default=None, help="training minutes per U-Net (comma list or one value; 0 = no time limit); "
+      f"default {DEFAULT_MINUTES} without --steps, else 0")
     a("--batch-size", type=int, default=32, help="images per optimizer micro-step, per process")
     a("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
     a("--lr", type=float, default=1e-3, help="AdamW learning rate after warmup")
@@ -292,12 +294,15 @@ def prepare(args):
         raise ValueError(f"--only-unet {args.only_unet} out of range; U-Nets are 0..{len(names) - 1} ({args.unets})")
     for name in names:
         registry.UNETS.canonical(name)
+    encoder = text.resolve(args.encoder, registry.ENCODERS)
+    config = build_config(args, text.encoder_dim(encoder))
     n = len(names)
+    if args.minutes is None:
+        args.minutes = "0" if args.steps != "0" else DEFAULT_MINUTES
     args.step_limits, args.minute_limits = csv(args.steps, int, n, "--steps"), csv(args.minutes, float, n, "--minutes")
     if not all(s or m for s, m in zip(args.step_limits, args.minute_limits)):
         raise ValueError(f"--steps {args.steps!r} and --minutes {args.minutes!r} leave a U-Net without any limit")
-    encoder = text.resolve(args.encoder, registry.ENCODERS)
-    return build_config(args, text.encoder_dim(encoder)), encoder
+    return config, encoder
 
 
 def main(argv=None):
@@ -311,6 +316,7 @@ def main(argv=None):
     cache = text.EmbeddingCache(args.cache_dir, encoder, config["max_text_len"], device=device)
     if args.data == "shapes" and rank == 0:
         cache.precompute(data.all_shapes_captions())
+    torch.manual_seed(args.seed)  # same initial weights on every rank and every run of the same command
     cascade = imagen.Imagen(config).to(device)
     todo = [args.only_unet] if args.only_unet is not None else range(len(config["stages"]))
     trainers = {k: Trainer(args, cascade, k, device, rank, world) for k in todo}

@@ -54,6 +54,13 @@ def to_image(tokens, height):
     return rearrange(tokens, "b (h w) c -> b c h w", h=height)
 
 
+def coordinates(x):
+    """x/y pixel coordinates in [-1, 1] for x [b, c, h, w] -> [b, 2, h, w] (CoordConv, Liu et al. 2018)."""
+    b, _, h, w = x.shape
+    ys, xs = (torch.linspace(-1, 1, n, device=x.device, dtype=x.dtype) for n in (h, w))
+    return torch.stack(torch.meshgrid(ys, xs, indexing="ij")).expand(b, -1, -1, -1)  # [b, 2, h, w]
+
+
 def doubled(tensor):
     """The batch stacked twice along dim 0 (None stays None)."""
     return None if tensor is None else torch.cat((tensor, tensor))
@@ -191,14 +198,14 @@ class Unet(nn.Module):
 
     def __init__(self, *, dim, dim_mults, text_embed_dim, channels=3, num_resnet_blocks=1, layer_attns=False,
                  layer_cross_attns=False, attn_heads=4, attn_dim_head=32, cond_dim=128, max_text_len=32,
-                 num_time_tokens=2, lowres_cond=False, memory_efficient=False):
+                 num_time_tokens=2, lowres_cond=False, memory_efficient=False, coord_channels=False):
         super().__init__()
         levels = len(dim_mults)
         blocks = per_level(num_resnet_blocks, levels, "num_resnet_blocks")
         attns = per_level(layer_attns, levels, "layer_attns")
         cross = per_level(layer_cross_attns, levels, "layer_cross_attns")
         self.channels, self.text_embed_dim, self.lowres_cond = channels, text_embed_dim, lowres_cond
-        self.max_text_len, self.num_time_tokens = max_text_len, num_time_tokens
+        self.max_text_len, self.num_time_tokens, self.coord_channels = max_text_len, num_time_tokens, coord_channels
         self.num_levels = levels
         self.size_multiple = 2 ** (levels if memory_efficient else levels - 1)  # image sides must divide by this
         time_cond_dim = 4 * dim
@@ -217,7 +224,7 @@ class Unet(nn.Module):
         # body
         resnet = partial(ResnetBlock, time_cond_dim=time_cond_dim, heads=attn_heads, dim_head=attn_dim_head)
         transformer = partial(TransformerBlock, heads=attn_heads, dim_head=attn_dim_head)
-        self.init_conv = CrossEmbed(channels * (2 if lowres_cond else 1), dim)
+        self.init_conv = CrossEmbed(channels * (2 if lowres_cond else 1) + (2 if coord_channels else 0), dim)
         dims = [dim * m for m in dim_mults]
         self.downs, self.ups = nn.ModuleList(), nn.ModuleList()
         for i, (d_in, d_out) in enumerate(zip([dim, *dims[:-1]], dims)):
@@ -270,6 +277,8 @@ class Unet(nn.Module):
         cond = self._condition(time, text_embeds, text_mask, keep_text, lowres_noise_time)
         if self.lowres_cond:
             x = torch.cat((x, lowres_img), dim=1)  # super-resolution: condition on the low-res image (Imagen §2.4)
+        if self.coord_channels:  # absolute position, so "on the left" needs no inference from the zero padding
+            x = torch.cat((x, coordinates(x)), dim=1)
         x = self.init_conv(x)  # [b, dim, h, w]
         skips = []
         for level in self.downs:

@@ -15,7 +15,7 @@ import imagen
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--unets", "base-test,super-test", "--sizes", "16,32", "--batch-size", "4", "--workers", "0",
-        "--minutes", "0", "--warmup", "2", "--sample-steps", "3"]
+        "--warmup", "2", "--sample-steps", "3"]
 
 
 @pytest.fixture(scope="session")

@@ -18,19 +18,22 @@ num_timesteps = st.integers(2, 2000)
 shapes = st.lists(st.integers(1, 5), min_size=1, max_size=4).map(tuple)  # [b, ...]
 seeds = st.integers(0, 2 ** 31 - 1)
 targets = st.sampled_from(TARGETS)
-SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "ddim-eta1": functools.partial(sample_ddim, eta=1.0),
-            "dpmpp-2m": sample_dpmpp_2m}
+SAMPLER_VARIANTS = {**{name: registry.SAMPLERS[name] for name in registry.SAMPLERS.names()},
+                    "ddim-eta1": functools.partial(sample_ddim, eta=1.0)}
 
 
 def make_diffusion(schedule, T):
+    """A Diffusion over the named schedule with T steps."""
     return Diffusion(registry.SCHEDULES[schedule](T))
 
 
 def randn(shape, seed):
+    """Standard normal float32 tensor, reproducible from seed."""
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
 def random_times(diffusion, batch, seed):
+    """Uniform training times [batch], reproducible from seed."""
     return diffusion.sample_times(batch, "cpu", torch.Generator().manual_seed(seed))
 
 
@@ -186,6 +189,13 @@ def test_dynamic_threshold_bounds_keeps_signs_and_order_and_is_per_sample(shape,
     assert torch.equal(dynamic_threshold(inside, p), inside)
 
 
+def test_dynamic_threshold_divides_by_the_percentile_of_each_sample():
+    x = torch.stack([torch.arange(1, 101) / 10, torch.arange(1, 101) / -200])  # [2, 100]
+    s = 9.0 + 0.1 * (99 * 0.9 - 89)  # the 0.9-quantile of 0.1 ... 10.0, linearly interpolated
+    expected = torch.stack([x[0].clamp(max=s) / s, x[1]])  # the second sample is already within [-1, 1]
+    assert torch.allclose(dynamic_threshold(x, 0.9), expected, rtol=1e-6, atol=0)
+
+
 @FAST
 @given(shapes, seeds)
 def test_static_threshold_clamps_and_no_threshold_is_identity(shape, seed):
@@ -208,21 +218,28 @@ def test_sampling_timesteps_descend_evenly_from_T_minus_1_to_0(T, data):
     assert sampling_timesteps(T, T) == list(range(T - 1, -1, -1))
 
 
+def test_sampling_timesteps_are_the_rounded_linspace():
+    assert sampling_timesteps(1000, 10) == [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
+    assert sampling_timesteps(4, 3) == [3, 2, 0]
+    assert sampling_timesteps(50, 1) == [49]
+
+
 @pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("name", SAMPLERS)
+@pytest.mark.parametrize("name", SAMPLER_VARIANTS)
 @FEW
 @given(schedule=schedules, T=st.integers(10, 300), shape=shapes, seed=seeds)
 def test_samplers_recover_x0_from_an_oracle_denoiser(name, target, schedule, T, shape, seed):
     diffusion = make_diffusion(schedule, T)
     x0 = torch.rand(shape, generator=torch.Generator().manual_seed(seed)) * 1.8 - 0.9
     steps = T if name == "ddpm" else 10
-    out = SAMPLERS[name](oracle(diffusion, x0, target), randn(shape, seed + 1), diffusion, steps, target=target,
-                         generator=torch.Generator().manual_seed(seed))
+    sampler, denoise = SAMPLER_VARIANTS[name], oracle(diffusion, x0, target)
+    out = sampler(denoise, randn(shape, seed + 1), diffusion, steps, target=target,
+                  generator=torch.Generator().manual_seed(seed))
     assert_within(out, x0, 1e-4)
 
 
 @FAST
-@given(st.sampled_from(list(SAMPLERS)), targets, schedules, st.integers(2, 200), shapes, seeds, st.data())
+@given(st.sampled_from(list(SAMPLER_VARIANTS)), targets, schedules, st.integers(2, 200), shapes, seeds, st.data())
 def test_samplers_work_for_each_target_on_random_shapes(name, target, schedule, T, shape, seed, data):
     diffusion = make_diffusion(schedule, T)
     steps = data.draw(st.integers(1, min(T, 12)))
@@ -235,12 +252,25 @@ def test_samplers_work_for_each_target_on_random_shapes(name, target, schedule, 
 
     x = randn(shape, seed)
     x_before = x.clone()
-    out = SAMPLERS[name](denoise, x, diffusion, steps, target=target, generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    out = SAMPLER_VARIANTS[name](denoise, x, diffusion, steps, target=target, generator=generator)
     assert out.shape == shape and out.dtype == torch.float32 and ((out >= -1) & (out <= 1)).all()
     assert calls == sampling_timesteps(T, steps) and torch.equal(x, x_before)
 
 
-@pytest.mark.parametrize("name", SAMPLERS)
+@FAST
+@given(targets, schedules, st.integers(2, 200), shapes, seeds, st.data())
+def test_ddim_with_eta_1_is_the_respaced_ddpm(target, schedule, T, shape, seed, data):
+    diffusion = make_diffusion(schedule, T)
+    steps = data.draw(st.integers(1, min(T, 12)))
+    denoise = lambda x, t: torch.sin(x) + diffusion.model_time(column(t, x))
+    x = randn(shape, seed)
+    ddpm, ddim = [sampler(denoise, x, diffusion, steps, target=target, generator=torch.Generator().manual_seed(seed))
+                  for sampler in (sample_ddpm, SAMPLER_VARIANTS["ddim-eta1"])]
+    assert torch.allclose(ddpm, ddim, rtol=2e-3, atol=2e-3)  # float32 cancellation in Eq. 12 at eta = 1
+
+
+@pytest.mark.parametrize("name", SAMPLER_VARIANTS)
 def test_same_seed_gives_bit_identical_samples(name):
     diffusion = make_diffusion("cosine", 50)
     denoise = lambda x, t: 0.5 * x + 0.1 * torch.sin(3 * x)
@@ -248,7 +278,7 @@ def test_same_seed_gives_bit_identical_samples(name):
     def sample(seed):
         generator = torch.Generator().manual_seed(seed)
         x = torch.randn((2, 3, 4, 4), generator=generator)
-        return SAMPLERS[name](denoise, x, diffusion, 20, target="eps", generator=generator)
+        return SAMPLER_VARIANTS[name](denoise, x, diffusion, 20, target="eps", generator=generator)
     assert torch.equal(sample(0), sample(0))
     assert not torch.equal(sample(0), sample(1))
 
@@ -274,8 +304,11 @@ def test_ddpm_with_all_steps_is_ho_et_al_algorithm_2(schedule):
     assert torch.allclose(out.double(), expected, rtol=1e-4, atol=1e-4)
 
 
+FAST_SAMPLERS_STEPS = [("ddim", 100), ("ddim-eta1", 100), ("dpmpp-2m", 20)]
+
+
 @pytest.mark.parametrize("name, steps, target", [("ddpm", 1000, "eps")] + [
-    (name, steps, target) for name, steps in [("ddim", 100), ("ddim-eta1", 100), ("dpmpp-2m", 20)] for target in TARGETS])
+    (name, steps, target) for name, steps in FAST_SAMPLERS_STEPS for target in TARGETS])
 def test_samplers_draw_gaussian_data_with_the_right_spread(name, steps, target):
     """With the exact denoiser for data ~ N(0, 0.5²), samples have standard deviation 0.5."""
     diffusion = make_diffusion("cosine", 1000)
@@ -286,8 +319,8 @@ def test_samplers_draw_gaussian_data_with_the_right_spread(name, steps, target):
         x0 = alpha * 0.25 / (alpha ** 2 * 0.25 + sigma ** 2) * x  # E[x0 | x_t]
         return diffusion.training_target(x0.float(), ((x - alpha * x0) / sigma).float(), t, target)
 
-    out = SAMPLERS[name](denoise, randn((2, 4096), 0), diffusion, steps, target=target, threshold=no_threshold,
-                         generator=torch.Generator().manual_seed(1))
+    out = SAMPLER_VARIANTS[name](denoise, randn((2, 4096), 0), diffusion, steps, target=target,
+                                 threshold=no_threshold, generator=torch.Generator().manual_seed(1))
     assert abs(out.std().item() - 0.5) < 0.02 and abs(out.mean().item()) < 0.02
 
 
@@ -319,10 +352,10 @@ def never_called(x, t):
 
 
 @pytest.mark.parametrize("steps", [0, -1, 11, 2.5])
-@pytest.mark.parametrize("name", SAMPLERS)
+@pytest.mark.parametrize("name", SAMPLER_VARIANTS)
 def test_steps_outside_1_to_T_is_an_error(name, steps):
     with pytest.raises(ValueError, match="steps"):
-        SAMPLERS[name](never_called, torch.zeros(1, 2), make_diffusion("linear", 10), steps, target="eps")
+        SAMPLER_VARIANTS[name](never_called, torch.zeros(1, 2), make_diffusion("linear", 10), steps, target="eps")
 
 
 def test_unknown_target_is_an_error():
@@ -333,7 +366,7 @@ def test_unknown_target_is_an_error():
                  lambda: diffusion.loss_weight(t, "noise", 5.0)]:
         with pytest.raises(ValueError, match="'noise'.*eps, x0, v"):
             call()
-    for sampler in SAMPLERS.values():
+    for sampler in SAMPLER_VARIANTS.values():
         with pytest.raises(ValueError, match="'noise'.*eps, x0, v"):
             sampler(never_called, x, diffusion, 5, target="noise")
 

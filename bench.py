@@ -1,0 +1,297 @@
+"""Benchmark the cascade on this machine: `python bench.py --ckpt out` prints markdown tables and writes JSON.
+
+train: images/s and peak memory of a training step per stage (fp32/bf16 x channels_last x compile; cached text vs
+minilm each step). sample: seconds per image and eval scores per sampler, against ancestral DDPM over all T steps
+with two-pass guidance. text: captions/s per encoder vs cache reads. Speed is measured here, never in tests.
+"""
+import argparse
+import contextlib
+import functools
+import io
+import itertools
+import json
+import multiprocessing
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import data
+import imagen
+import registry
+import sample
+import text
+import train
+from eval import EVAL_SEED, score
+
+WARMUP = 2  # untimed steps first: allocator warm-up, and torch.compile's compilation
+TEXT_BATCH, TEXT_LEN = 64, 32  # captions per encoder call, tokens per caption in the text section
+
+
+def parse_args(argv=None):
+    defaults = train.parse_args([])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--sections", default="train,sample,text", help="comma list of: train, sample, text")
+    a("--presets", default=defaults.unets, help="train: the cascade's U-Net presets, as train.py --unets")
+    a("--sizes", default=defaults.sizes, help="train: their image sizes, as train.py --sizes")
+    a("--batch-size", type=int, default=defaults.batch_size, help="train: images per step")
+    a("--steps", type=int, default=5, help=f"train: timed steps per measurement (after {WARMUP} warm-up steps)")
+    a("--compile", action="store_true", help="train: also measure torch.compile (slow to compile on CPU)")
+    a("--ckpt", default=defaults.out, help="sample: a trained cascade (a train.py --out folder)")
+    a("--n-eval", type=int, default=96, help="sample: eval prompts per sampler at its default steps")
+    a("--ref-eval-n", type=int, default=24, help="sample: prompts for the slow all-T-steps two-pass reference")
+    a("--sample-batch-size", type=int, default=24, help="sample: images sampled at once, the same for every run")
+    a("--text-captions", type=int, default=512, help=f"text: captions encoded per encoder (batches of {TEXT_BATCH})")
+    a("--cache-dir", default=defaults.cache_dir, help="text-embedding cache folder (as train.py)")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--json", default="bench.json", help="write the results here")
+    args = p.parse_args(argv)
+    unknown = set(args.sections.split(",")) - {"train", "sample", "text"}
+    if unknown:
+        p.error(f"unknown --sections {sorted(unknown)}; choose from: train, sample, text")
+    return args
+
+
+def timed(fn, device):
+    """(fn(), its wall-clock seconds), synchronising the accelerator on both ends."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync()
+    start = time.perf_counter()
+    result = fn()
+    sync()
+    return result, time.perf_counter() - start
+
+
+# ---- train: each measurement in a fresh process, so peak memory and compile caches are its own ----
+
+def train_flags(args, precision="fp32", compiled=False):
+    """train.py's parsed flags for the benchmarked cascade (nothing is saved to --out)."""
+    flags = ["--unets", args.presets, "--sizes", args.sizes, "--batch-size", str(args.batch_size), "--steps", "1",
+             "--precision", precision, "--cache-dir", args.cache_dir, "--out", tempfile.gettempdir()]
+    return train.parse_args(flags + ["--compile"] * compiled)
+
+
+def with_peak_mib(fn, device):
+    """(fn(), MiB): CUDA: max_memory_allocated during fn; CPU: the process's peak resident memory during fn (Linux)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return fn(), torch.cuda.max_memory_allocated(device) / 2**20
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS, VmHWM (Linux >= 4.0)
+    result = fn()
+    status = Path("/proc/self/status").read_text().splitlines()
+    return result, next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024  # kB -> MiB
+
+
+def train_case(case):
+    """images/s and peak memory of timed steps of train.py's own Trainer on its own batch stream."""
+    args, k, precision, channels_last, compiled, text_source = case
+    targs, device = train_flags(args, precision, compiled), torch.device(args.device)
+    config, spec = train.prepare(targs)
+    torch.manual_seed(0)
+    trainer = train.Trainer(targs, imagen.Imagen(config).to(device), k, device, rank=0, world=1)
+    size, max_len, b = config["stages"][k]["size"], config["max_text_len"], args.batch_size
+    captions_to = (text.EmbeddingCache(args.cache_dir, spec, max_len, device) if text_source == "cached"
+                   else text.load_encoder(spec, max_len, device))  # minilm on every step's captions
+    ds = data.make_dataset("shapes", config["stages"][-1]["size"])  # rendered before timing, as train.py reads it
+    loader = [data.collate([ds[i] for i in range(j * b, (j + 1) * b)]) for j in range(WARMUP + args.steps)]
+    stream = train.batches(loader, captions_to, size, device, trainer)
+    if not channels_last:  # train.py always trains channels_last: undo it for the weights and the images
+        for module in (trainer.stage, trainer.ema):
+            module.to(memory_format=torch.contiguous_format)
+        stream = ((images.contiguous(), emb, mask) for images, emb, mask in stream)
+
+    def warm_up_then_time():
+        steps = lambda n: [trainer.step_on([next(stream)]) for _ in range(n)]
+        steps(WARMUP)
+        return timed(lambda: steps(args.steps), device)[1]
+
+    elapsed, mib = with_peak_mib(warm_up_then_time, device)
+    return dict(stage=f"unet{k} {config['stages'][k]['unet']}", size=size, batch=b, precision=precision,
+                channels_last=channels_last, compile=compiled, text=text_source,
+                images_per_s=round(args.steps * b / elapsed, 2), peak_mib=round(mib, 1))
+
+
+def bench_train(args):
+    """Rows of every (stage, precision, channels_last, compile) with cached text, then minilm-each-step."""
+    config, spec = train.prepare(train_flags(args))
+    text.EmbeddingCache(args.cache_dir, spec, config["max_text_len"]).precompute(data.all_shapes_captions())
+    stages = range(len(config["stages"]))
+    cases = [(args, k, p, cl, c, "cached") for k, p, cl, c in
+             itertools.product(stages, ("fp32", "bf16"), (False, True), (False, True) if args.compile else (False,))]
+    cases += [(args, k, "fp32", True, False, "encoded") for k in stages]  # train.py's defaults, minilm each step
+    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        return pool.map(train_case, cases, chunksize=1)
+
+
+# ---- sample: every sampler at its default steps vs the all-T-steps two-pass reference ----
+
+class TwoPassGuidance(nn.Module):
+    """Classifier-free guidance as two separate U-Net passes (the reference; the cascade batches them)."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet, self.channels = unet, unet.channels
+
+    def forward_with_cond_scale(self, x, time, text_embeds, text_mask, *, cond_scale=1.0, **lowres):
+        """Unet.forward_with_cond_scale's output, from a conditional pass and a separate null pass."""
+        cond = self.unet(x, time, text_embeds, text_mask, **lowres)  # [b, c, h, w]
+        null = self.unet(x, time, text_embeds, text_mask, cond_drop_prob=1.0, **lowres)  # every text dropped
+        return null + (cond - null) * cond_scale  # Ho & Salimans 2022, eq. 6
+
+
+@contextlib.contextmanager
+def two_pass_guidance(cascade):
+    """Temporarily sample every stage of the cascade with TwoPassGuidance."""
+    unets = [stage.unet for stage in cascade.stages]
+    for stage in cascade.stages:
+        stage.unet = TwoPassGuidance(stage.unet)
+    try:
+        yield
+    finally:
+        for stage, unet in zip(cascade.stages, unets):
+            stage.unet = unet
+
+
+def sampling_args(args, **options):
+    """sample.py's flags for the checkpoint, with `options` (e.g. sampler="ddpm") set."""
+    p = argparse.ArgumentParser()
+    sample.add_sampling_args(p)
+    flags = ["--ckpt", args.ckpt, "--cache-dir", args.cache_dir, "--device", args.device,
+             "--batch-size", str(args.sample_batch_size)]
+    return p.parse_args(flags + [f"--{k.replace('_', '-')}={v}" for k, v in options.items()])
+
+
+def sample_row(cascade, stop_at, cache, args, prompts, guidance, **options):
+    """(images, row): seconds per image and eval scores of sample.generate on the prompts."""
+    sargs = sampling_args(args, **options)
+    images, elapsed = timed(lambda: sample.generate(cascade, cache, prompts, stop_at, sargs), torch.device(args.device))
+    return images, dict(sampler=options["sampler"], steps=options["steps"], guidance=guidance, n=len(prompts),
+                        s_per_image=round(elapsed / len(prompts), 4), **score(images, prompts))
+
+
+def bench_sample(args):
+    """Rows: each sampler on --n-eval prompts, then default vs two-pass vs the reference on --ref-eval-n."""
+    cascade, stop_at, cache = sample.load_for_sampling(sampling_args(args))
+    run = functools.partial(sample_row, cascade, stop_at, cache, args)
+    opts = {**imagen.SAMPLING_DEFAULTS, **cascade.config.get("sampling", {})}
+    steps = ",".join(map(str, imagen.per_stage(opts["steps"], len(cascade.stages))))
+    prompts = data.shapes_captions(args.n_eval, seed=EVAL_SEED)
+    cache(prompts)  # encode misses now: the timings are sampling alone
+    rows = [run(prompts, "batched", sampler=name, steps=steps)[1] for name in registry.SAMPLERS.names()]
+    subset, default = prompts[:args.ref_eval_n], registry.SAMPLERS.canonical(opts["sampler"])
+    batched, row_batched = run(subset, "batched", sampler=default, steps=steps)
+    with two_pass_guidance(cascade):
+        two_pass, row_two_pass = run(subset, "two-pass", sampler=default, steps=steps)
+        all_t = ",".join(str(stage.diffusion.num_timesteps) for stage in cascade.stages)
+        _, row_reference = run(subset, "two-pass", sampler="ddpm", steps=all_t)
+    row_two_pass["max_abs_diff_vs_batched"] = float((two_pass - batched).abs().max())  # same computation, one pass
+    return rows + [row_batched, row_two_pass, row_reference]
+
+
+# ---- text: encoders vs cache reads ----
+
+def tiny_t5(folder):
+    """Save a random-weight T5 encoder (d_model 32) with a sentencepiece tokenizer trained on shapes captions."""
+    import sentencepiece
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+    model_file = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(data.all_shapes_captions()),
+                                             model_writer=model_file, vocab_size=40, pad_id=0, eos_id=1, unk_id=2,
+                                             bos_id=-1, minloglevel=2)
+    pieces = sentencepiece.SentencePieceProcessor(model_proto=model_file.getvalue())
+    vocab = [(pieces.id_to_piece(i), pieces.get_score(i)) for i in range(pieces.get_piece_size())]
+    T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+                   ).save_pretrained(folder)
+    T5Tokenizer(vocab=vocab, extra_ids=0).save_pretrained(folder)
+    return folder
+
+
+def captions_per_s(fn, captions, device):
+    """Captions per second of fn called on batches of TEXT_BATCH captions."""
+    batches = [captions[i:i + TEXT_BATCH] for i in range(0, len(captions), TEXT_BATCH)]
+    return round(len(captions) / timed(lambda: [fn(b) for b in batches], device)[1], 1)
+
+
+def bench_text(args):
+    """Rows: captions/s of each encoder (minilm, a tiny local T5) encoding, and reading its cache."""
+    device, captions = torch.device(args.device), data.shapes_captions(args.text_captions, seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        specs = {"minilm": text.resolve("minilm", registry.ENCODERS),
+                 "tiny-t5": text.resolve(tiny_t5(os.path.join(tmp, "tiny-t5")), {})}
+        rows = []
+        for name, spec in specs.items():
+            encoder = text.load_encoder(spec, TEXT_LEN, device)
+            encoder(captions[:TEXT_BATCH])  # warm-up
+            cache = text.EmbeddingCache(os.path.join(tmp, "cache"), spec, TEXT_LEN, device)
+            cache.precompute(captions)
+            rows += [dict(encoder=name, source=source, batch=TEXT_BATCH,
+                          captions_per_s=captions_per_s(fn, captions, device))
+                     for source, fn in (("encode", encoder), ("cache", cache))]
+    return rows
+
+
+# ---- report ----
+
+def target(name, measured, minimum, unit="x"):
+    """One row of the targets table."""
+    return dict(target=name, measured=round(measured, 4), need=f">= {minimum}{unit}", met=measured >= minimum)
+
+
+def target_rows(results):
+    """The issue's targets, from ratios and scores measured in this run."""
+    rows = []
+    if "sample" in results:
+        batched, two_pass, reference = results["sample"][-3:]
+        name = f"{batched['sampler']} {batched['steps']} steps vs all-T two-pass ddpm"
+        rows.append(target(f"{name}: speedup", reference["s_per_image"] / batched["s_per_image"], 20))
+        rows.append(target(f"{name}: worst eval score change", min(
+            batched[k] - reference[k] for k in ("color", "shape", "position") if reference[k] is not None), -0.03, ""))
+        rows.append(target("batched vs two-pass guidance", two_pass["s_per_image"] / batched["s_per_image"], 1.6))
+    for row in results.get("train", []):
+        if row["text"] == "encoded":  # against the same stage's cached row at train.py's defaults
+            cached = next(r for r in results["train"] if r["text"] == "cached" and r["stage"] == row["stage"]
+                          and r["precision"] == "fp32" and r["channels_last"] and not r["compile"])
+            rows.append(target(f"{row['stage']}: cached text vs minilm each step",
+                               cached["images_per_s"] / row["images_per_s"], 1.3))
+    return rows
+
+
+def machine(args):
+    """Where the numbers come from: CPU model, torch version, threads, device, and what peak memory means."""
+    cuda, cpu = args.device.startswith("cuda"), platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    return dict(cpu=cpu, cores=os.cpu_count(), torch=torch.__version__, threads=torch.get_num_threads(),
+                device=torch.cuda.get_device_name(args.device) if cuda else "cpu",
+                peak_mib="torch.cuda.max_memory_allocated" if cuda else "peak RSS (VmHWM), a fresh process per row")
+
+
+def markdown(rows):
+    """A markdown table of flat dicts (the union of their keys as columns)."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    sections = dict(train=bench_train, sample=bench_sample, text=bench_text)
+    results = dict(machine=machine(args))
+    for name in args.sections.split(","):
+        results[name] = sections[name](args)
+    results["targets"] = target_rows(results)
+    for name, rows in results.items():
+        if rows:
+            print(f"## {name}\n\n{markdown(rows if isinstance(rows, list) else [rows])}\n")
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

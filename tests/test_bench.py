@@ -1,0 +1,61 @@
+"""bench.py end to end on tiny presets: the JSON has every section's rows with positive numbers (no timing checks)."""
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+import bench
+import registry
+from unet import Unet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(script, *args):
+    """Run one of the project's command lines; fail with its output if it fails."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, f"{script} {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def test_two_pass_guidance_matches_the_batched_pass():
+    torch.manual_seed(0)
+    unet = Unet(**registry.UNETS["base-test"], text_embed_dim=8, lowres_cond=True).eval()
+    x, lowres = torch.randn(3, 3, 16, 16), dict(lowres_img=torch.randn(3, 3, 16, 16), lowres_noise_time=torch.rand(3))
+    emb, time = torch.randn(3, 5, 8), torch.rand(3)
+    mask = torch.tensor([[True] * 5, [True] * 2 + [False] * 3, [False] * 5])  # [3, 5]: full, short, empty caption
+    for p in unet.final_conv.parameters():  # the zero-initialised output layer would make every output 0
+        torch.nn.init.normal_(p)
+    with torch.no_grad():
+        batched = unet.forward_with_cond_scale(x, time, emb, mask, cond_scale=3.0, **lowres)
+        two_pass = bench.TwoPassGuidance(unet).forward_with_cond_scale(x, time, emb, mask, cond_scale=3.0, **lowres)
+    assert batched.abs().max() > 0
+    torch.testing.assert_close(two_pass, batched, atol=1e-4, rtol=1e-4)
+
+
+def test_bench_writes_every_section(tmp_path):
+    cache, ckpt, out = str(tmp_path / "cache"), str(tmp_path / "run"), tmp_path / "bench.json"
+    run("train.py", "--unets", "base-test,super-test", "--sizes", "16,32", "--steps", "2", "--batch-size", "4",
+        "--workers", "0", "--sample-steps", "2", "--timesteps", "20", "--out", ckpt, "--cache-dir", cache)
+    proc = run("bench.py", "--sections", "text,train,sample", "--presets", "base-test", "--sizes", "32", "--steps", "1",
+               "--batch-size", "2", "--ckpt", ckpt, "--n-eval", "4", "--ref-eval-n", "2", "--sample-batch-size", "2",
+               "--text-captions", "8", "--cache-dir", cache, "--json", str(out))
+    results = json.loads(out.read_text())
+    assert set(results) == {"machine", "text", "train", "sample", "targets"}
+    assert "## targets" in proc.stdout and results["machine"]["threads"] >= 1
+    assert {(r["encoder"], r["source"]) for r in results["text"]} == {
+        (e, s) for e in ("minilm", "tiny-t5") for s in ("encode", "cache")}
+    assert all(r["captions_per_s"] > 0 for r in results["text"])
+    assert {(r["precision"], r["channels_last"], r["text"]) for r in results["train"]} == {
+        ("fp32", False, "cached"), ("fp32", True, "cached"), ("bf16", False, "cached"), ("bf16", True, "cached"),
+        ("fp32", True, "encoded")}
+    assert all(r["images_per_s"] > 0 and r["peak_mib"] >= 0 for r in results["train"])
+    samplers = [(r["sampler"], r["steps"], r["guidance"], r["n"]) for r in results["sample"]]
+    assert samplers == [(name, "2,2", "batched", 4) for name in registry.SAMPLERS.names()] + [
+        ("dpmpp-2m", "2,2", "batched", 2), ("dpmpp-2m", "2,2", "two-pass", 2), ("ddpm", "20,20", "two-pass", 2)]
+    assert all(r["s_per_image"] > 0 and 0 <= r["color"] <= 1 for r in results["sample"])
+    assert results["sample"][-2]["max_abs_diff_vs_batched"] < 1e-2  # two passes compute what one batched pass does
+    assert len(results["targets"]) == 4 and all(r["measured"] is not None for r in results["targets"])
