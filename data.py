@@ -427,16 +427,16 @@ def collate(batch):
     return images, [caption for _, caption in kept], len(batch) - len(kept)
 
 
-def make_dataset(spec, size, seed=0, rank=0, world_size=1):
+def make_dataset(spec, size, seed=0, rank=0, world_size=1, hflip=False):
     """'shapes' -> Shapes; a shard pattern or a directory with .tar files -> Shards; other directory -> ImageFolder."""
     spec = str(spec)
     if spec.lower() == "shapes":
         return Shapes(size, seed)
     path = Path(spec)
     if "{" in spec or path.suffix == ".tar" or (path.is_dir() and any(path.glob("*.tar"))):
-        return Shards(spec, size, rank, world_size)
+        return Shards(spec, size, rank, world_size, hflip)
     if path.is_dir():
-        return ImageFolder(spec, size)
+        return ImageFolder(spec, size, hflip)
     raise ValueError(f"dataset {spec!r} does not exist; choose 'shapes', an image-caption folder, "
                      f"a directory of .tar shards or a shard pattern like DIR/{{00000..00099}}.tar")
 

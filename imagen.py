@@ -24,7 +24,8 @@ STAGE_DEFAULTS = dict(
 )
 # Sampling defaults, overridable on every command line; per-stage lists where stages differ.
 SAMPLING_DEFAULTS = dict(
-    sampler="dpmpp-2m", steps=20, cond_scale=3.0, lowres_noise=0.2, threshold="dynamic", threshold_p=0.995,
+    # static thresholding: on white-background data, dynamic thresholding's division by s greys the background
+    sampler="dpmpp-2m", steps=20, cond_scale=3.0, lowres_noise=0.2, threshold="static", threshold_p=0.995,
 )
 
 
@@ -132,6 +133,8 @@ class Imagen(nn.Module):
         stop_at = n if stop_at is None else stop_at
         if not 0 <= start_at < stop_at <= n:
             raise ValueError(f"stages [{start_at}, {stop_at}) out of range; this cascade has {n} U-Nets")
+        if (start_at > 0) != (start_images is not None):
+            raise ValueError(f"start_at={start_at} needs start_images exactly when it is above 0 (the low-res input)")
         opts = {**SAMPLING_DEFAULTS, **self.config.get("sampling", {}),
                 **{k: v for k, v in options.items() if v is not None}}
         threshold = make_threshold(opts["threshold"], opts["threshold_p"])

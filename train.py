@@ -7,6 +7,7 @@ exactly. Multi-GPU: `torchrun --nproc_per_node=N train.py ...` (DDP, detected fr
 import argparse
 import contextlib
 import json
+import math
 import os
 import time
 
@@ -33,6 +34,8 @@ def parse_args(argv=None):
     a("--unets", default="base-small,super-small", help="comma list of U-Net presets: " + ", ".join(registry.UNETS.names()))
     a("--sizes", default="32,64", help="comma list of image sizes, one per U-Net, increasing")
     a("--data", default="shapes", help="'shapes' (built-in), an image+caption folder, or a folder of .tar shards")
+    a("--hflip", action="store_true", help="random horizontal flips of folder/shard images (off: flips break "
+      "'left'/'right' captions)")
     a("--encoder", default="minilm", help="text encoder: " + ", ".join(registry.ENCODERS.names()) + ", a HF id or a folder")
     a("--steps", default="0", help="optimizer steps per U-Net (comma list or one value; 0 = no step limit)")
     a("--minutes", default=None, help="training minutes per U-Net (comma list or one value; 0 = no time limit); "
@@ -50,8 +53,11 @@ def parse_args(argv=None):
     a("--timesteps", default="1000", help="diffusion steps T per U-Net")
     a("--min-snr-gamma", default="5", help="Min-SNR-γ loss weighting per U-Net (0 = off)")
     a("--cond-drop-prob", type=float, default=0.1, help="probability of dropping the text (classifier-free guidance)")
-    a("--cond-scale", default="3", help="default guidance scale per U-Net, stored for sampling")
+    a("--cond-scale", default=None, help="default guidance scale per U-Net, stored for sampling (default: 3 for the "
+      "base, 1 for super-resolution stages: measured best on shapes)")
     a("--sample-steps", default="20", help="default sampler steps per U-Net, stored for sampling")
+    a("--lowres-noise", type=float, default=imagen.SAMPLING_DEFAULTS["lowres_noise"],
+      help="default noise level of low-res conditions at sampling (a fraction of T), stored for sampling")
     a("--seed", type=int, default=0)
     a("--out", default="out", help="checkpoint/log/sample folder; re-running with the same folder resumes")
     a("--only-unet", type=int, default=None, help="train only U-Net K (0-based), e.g. as one of parallel jobs")
@@ -93,8 +99,9 @@ def build_config(args, text_dim):
                            size=sizes[k], target=per["target"][k], schedule=registry.SCHEDULES.canonical(per["schedule"][k]),
                            timesteps=per["timesteps"][k], min_snr_gamma=per["min_snr_gamma"][k] or None,
                            cond_drop_prob=args.cond_drop_prob))
-    sampling = dict(cond_scale=csv(args.cond_scale, float, n, "--cond-scale"),
-                    steps=csv(args.sample_steps, int, n, "--sample-steps"))
+    scales = [3.0] + [1.0] * (n - 1) if args.cond_scale is None else csv(args.cond_scale, float, n, "--cond-scale")
+    sampling = dict(cond_scale=scales,
+                    steps=csv(args.sample_steps, int, n, "--sample-steps"), lowres_noise=args.lowres_noise)
     return dict(encoder=args.encoder, text_embed_dim=text_dim,
                 max_text_len=max(s["unet_kwargs"]["max_text_len"] for s in stages),
                 stages=stages, sampling=sampling)
@@ -131,7 +138,7 @@ class IndexStream(torch.utils.data.Sampler):
 
 def make_loader(args, size, position, rank, world):
     """DataLoader over the training data from global sample `position`, split by rank."""
-    ds = data.make_dataset(args.data, size, seed=args.seed, rank=rank, world_size=world)
+    ds = data.make_dataset(args.data, size, seed=args.seed, rank=rank, world_size=world, hflip=args.hflip)
     kw = dict(batch_size=args.batch_size, num_workers=args.workers, collate_fn=data.collate,
               persistent_workers=args.workers > 0)
     if isinstance(ds, torch.utils.data.IterableDataset):  # shards stream; they resume at a shard boundary
@@ -206,7 +213,9 @@ class Trainer:
             total += loss.detach()
         self.scaler.unscale_(self.opt)
         norm = torch.nn.utils.clip_grad_norm_(self.stage.parameters(), self.args.grad_clip)
-        finite = bool(torch.isfinite(total) and torch.isfinite(norm))
+        total, norm = torch.stack((total, norm)).tolist()  # the step's one host sync
+        # fp16: GradScaler skips overflowing steps itself and lowers its scale; those are not bad steps
+        finite = math.isfinite(total) and (math.isfinite(norm) or self.scaler.is_enabled())
         if finite:
             self.scaler.step(self.opt)
             self.ema.update_parameters(self.stage.unet)
@@ -214,7 +223,7 @@ class Trainer:
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
         self.bad_steps = 0 if finite else self.bad_steps + 1
-        return float(total), finite
+        return total, finite
 
 
 def batches(loader, cache, size, device, trainer):

@@ -245,7 +245,7 @@ class Unet(nn.Module):
         self.mid_block1 = resnet(dims[-1], dims[-1], cond_dim=cond_dim)
         self.mid_attn = transformer(dims[-1]) if attns[-1] else nn.Identity()
         self.mid_block2 = resnet(dims[-1], dims[-1], cond_dim=cond_dim)
-        self.final_conv = nn.Conv2d(dim, channels, 3, padding=1)
+        self.final_conv = nn.Conv2d(2 * dim, channels, 3, padding=1)  # reads the features and the first conv's
         nn.init.zeros_(self.final_conv.weight)  # the untrained U-Net predicts 0
         nn.init.zeros_(self.final_conv.bias)
 
@@ -279,14 +279,15 @@ class Unet(nn.Module):
             x = torch.cat((x, lowres_img), dim=1)  # super-resolution: condition on the low-res image (Imagen §2.4)
         if self.coord_channels:  # absolute position, so "on the left" needs no inference from the zero padding
             x = torch.cat((x, coordinates(x)), dim=1)
-        x = self.init_conv(x)  # [b, dim, h, w]
+        x = init = self.init_conv(x)  # [b, dim, h, w]
         skips = []
         for level in self.downs:
             x = level(x, cond, skips)
         x = self.mid_block2(self.mid_attn(self.mid_block1(x, cond)), cond)
         for level in self.ups:
             x = level(x, cond, skips)
-        return self.final_conv(x)  # [b, channels, h, w]
+        # a full-resolution path to the output: an efficient U-Net has no block at full resolution
+        return self.final_conv(torch.cat((x, init), dim=1))  # [b, channels, h, w]
 
     def _condition(self, time, text_embeds, text_mask, keep_text, lowres_noise_time):
         """The time vector and the context tokens (time tokens + text tokens) with their attention mask."""
