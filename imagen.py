@@ -52,13 +52,14 @@ class Stage(nn.Module):
         s = self.settings
         self.diffusion = Diffusion(registry.SCHEDULES[s["schedule"]](s["timesteps"]))
 
-    def noised_lowres(self, images, level=None):
+    def noised_lowres(self, images, level=None, generator=None):
         """The low-res condition: noised at `level` (a fraction of T), or at random levels for training."""
         b, d = images.shape[0], self.diffusion
         if level is None:  # noise-conditioning augmentation, one random level per sample (Imagen App. E)
             level = torch.rand(b, device=images.device) * self.settings["lowres_aug_max"]  # [b]
         t = d.time_for_noise_level(level, b, images.device)  # [b]
-        return d.q_sample(images, t, torch.randn_like(images)), d.model_time(t)
+        noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+        return d.q_sample(images, t, noise), d.model_time(t)
 
     def forward(self, images, text_embeds, text_mask):
         """Diffusion training loss for images [b, c, size, size] in [-1, 1] (Min-SNR weighted)."""
@@ -83,7 +84,7 @@ class Stage(nn.Module):
         lowres = {}
         if self.lowres_size is not None:
             lowres["lowres_img"], lowres["lowres_noise_time"] = self.noised_lowres(resize(prev, self.size),
-                                                                                   lowres_noise)
+                                                                                   lowres_noise, generator)
 
         def denoise(x, t):
             return self.unet.forward_with_cond_scale(x, d.model_time(t), text_embeds, text_mask,

@@ -69,7 +69,7 @@ UNETS = Registry("unet preset", {
                   attn_heads=8, attn_dim_head=64, cond_dim=512, max_text_len=128, memory_efficient=True),
     # CPU-trainable presets for the default 20-minute run (sizes settled by measurement, see README).
     "BaseSmall": dict(dim=32, dim_mults=(1, 2, 4), num_resnet_blocks=1, layer_attns=(False, True, True),
-                      layer_cross_attns=True, attn_heads=4, attn_dim_head=32, cond_dim=128,
+                      layer_cross_attns=(False, True, True), attn_heads=4, attn_dim_head=32, cond_dim=128,
                       max_text_len=16, memory_efficient=True, coord_channels=True),
     "SuperSmall": dict(dim=16, dim_mults=(1, 2, 4), num_resnet_blocks=1, layer_attns=False,
                        layer_cross_attns=(False, False, True), attn_heads=2, attn_dim_head=32, cond_dim=128,

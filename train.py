@@ -42,8 +42,8 @@ def parse_args(argv=None):
       f"default {DEFAULT_MINUTES} without --steps, else 0")
     a("--batch-size", type=int, default=32, help="images per optimizer micro-step, per process")
     a("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
-    a("--lr", type=float, default=1e-3, help="AdamW learning rate after warmup")
-    a("--warmup", type=int, default=100, help="linear learning-rate warmup steps")
+    a("--lr", type=float, default=2e-3, help="AdamW learning rate after warmup")
+    a("--warmup", type=int, default=200, help="linear learning-rate warmup steps")
     a("--grad-clip", type=float, default=1.0, help="max global gradient norm")
     a("--ema-decay", type=float, default=0.995, help="EMA decay, warmed up as min(decay, (1+n)/(10+n))")
     a("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast precision")
@@ -195,6 +195,15 @@ class Trainer:
         if self.rank == 0:
             imagen.save_checkpoint(self.state(config), self.path)
 
+    def finished(self, steps, minutes):
+        """Whether a step or time budget is spent; under DDP rank 0's clock decides for every rank."""
+        over = bool((steps and self.step >= steps) or (minutes and self.elapsed >= minutes * 60))
+        if self.world == 1:
+            return over
+        flag = torch.tensor(float(over), device=self.device)
+        dist.broadcast(flag, 0)
+        return bool(flag)
+
     def lr(self):
         return self.args.lr * min(1.0, (self.step + 1) / max(1, self.args.warmup))
 
@@ -265,7 +274,7 @@ def train_stage(args, config, cascade, trainers, k, cache, log):
     """Train stage k until its step or time budget runs out."""
     t, stage_cfg = trainers[k], config["stages"][k]
     steps, minutes = args.step_limits[k], args.minute_limits[k]
-    done = lambda: (steps and t.step >= steps) or (minutes and t.elapsed >= minutes * 60)
+    done = lambda: t.finished(steps, minutes)
     if done():
         return
     loader = make_loader(args, config["stages"][-1]["size"], t.position, t.rank, t.world)
