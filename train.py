@@ -274,13 +274,12 @@ def train_stage(args, config, cascade, trainers, k, cache, log):
     """Train stage k until its step or time budget runs out."""
     t, stage_cfg = trainers[k], config["stages"][k]
     steps, minutes = args.step_limits[k], args.minute_limits[k]
-    done = lambda: t.finished(steps, minutes)
-    if done():
+    if t.finished(steps, minutes):
         return
     loader = make_loader(args, config["stages"][-1]["size"], t.position, t.rank, t.world)
     stream = batches(loader, cache, stage_cfg["size"], t.device, t)
     bar = tqdm(total=steps or None, initial=t.step, desc=f"unet{k} {stage_cfg['unet']}", disable=t.rank != 0)
-    while not done():
+    while not t.finished(steps, minutes):
         start = time.perf_counter()
         loss, finite = t.step_on([next(stream) for _ in range(args.grad_accum)])
         t.elapsed += time.perf_counter() - start
