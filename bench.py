@@ -1,8 +1,9 @@
 """Benchmark the cascade on this machine: `python bench.py --ckpt out` prints markdown tables and writes JSON.
 
 train: images/s and peak memory of a training step per stage (fp32/bf16 x channels_last x compile; cached text vs
-minilm each step). sample: seconds per image and eval scores per sampler, against ancestral DDPM over all T steps
-with two-pass guidance. text: captions/s per encoder vs cache reads. Speed is measured here, never in tests.
+minilm each step). profile: the top operators of each stage's training step (torch.profiler). sample: seconds per
+image and eval scores per sampler, against ancestral DDPM over all T steps with two-pass guidance, batched and one
+image at a time. text: captions/s per encoder vs cache reads. Speed is measured here, never in tests.
 """
 import argparse
 import contextlib
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 import data
 import imagen
@@ -30,13 +32,14 @@ from eval import EVAL_SEED, score
 
 WARMUP = 2  # untimed steps first: allocator warm-up, and torch.compile's compilation
 TEXT_BATCH, TEXT_LEN = 64, 32  # captions per encoder call, tokens per caption in the text section
+PROFILE_TOP = 12  # operators listed per stage in the profile section
 
 
 def parse_args(argv=None):
     defaults = train.parse_args([])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--sections", default="train,sample,text", help="comma list of: train, sample, text")
+    a("--sections", default="train,profile,sample,text", help="comma list of: " + ", ".join(SECTIONS))
     a("--presets", default=defaults.unets, help="train: the cascade's U-Net presets, as train.py --unets")
     a("--sizes", default=defaults.sizes, help="train: their image sizes, as train.py --sizes")
     a("--batch-size", type=int, default=defaults.batch_size, help="train: images per step")
@@ -46,14 +49,15 @@ def parse_args(argv=None):
     a("--n-eval", type=int, default=96, help="sample: eval prompts per sampler at its default steps")
     a("--ref-eval-n", type=int, default=24, help="sample: prompts for the slow all-T-steps two-pass reference")
     a("--sample-batch-size", type=int, default=24, help="sample: images sampled at once, the same for every run")
+    a("--single-n", type=int, default=8, help="sample: prompts for batched vs two-pass guidance one image at a time")
     a("--text-captions", type=int, default=512, help=f"text: captions encoded per encoder (batches of {TEXT_BATCH})")
     a("--cache-dir", default=defaults.cache_dir, help="text-embedding cache folder (as train.py)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--json", default="bench.json", help="write the results here")
     args = p.parse_args(argv)
-    unknown = set(args.sections.split(",")) - {"train", "sample", "text"}
+    unknown = set(args.sections.split(",")) - set(SECTIONS)
     if unknown:
-        p.error(f"unknown --sections {sorted(unknown)}; choose from: train, sample, text")
+        p.error(f"unknown --sections {sorted(unknown)}; choose from: {', '.join(SECTIONS)}")
     return args
 
 
@@ -69,11 +73,13 @@ def timed(fn, device):
 
 # ---- train: each measurement in a fresh process, so peak memory and compile caches are its own ----
 
-def train_flags(args, precision="fp32", compiled=False):
-    """train.py's parsed flags for the benchmarked cascade (nothing is saved to --out)."""
+def train_flags(args, precision=None, channels_last=None, compiled=False):
+    """train.py's parsed flags for the benchmarked cascade (nothing is saved to --out); None: train.py's default."""
     flags = ["--unets", args.presets, "--sizes", args.sizes, "--batch-size", str(args.batch_size), "--steps", "1",
-             "--precision", precision, "--cache-dir", args.cache_dir, "--out", tempfile.gettempdir()]
-    return train.parse_args(flags + ["--compile"] * compiled)
+             "--cache-dir", args.cache_dir, "--out", tempfile.gettempdir()]
+    flags += ["--compile"] * compiled + ([] if precision is None else ["--precision", precision])
+    flags += [] if channels_last is None else ["--channels-last", str(int(channels_last))]
+    return train.parse_args(flags)
 
 
 def with_peak_mib(fn, device):
@@ -87,10 +93,9 @@ def with_peak_mib(fn, device):
     return result, next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024  # kB -> MiB
 
 
-def train_case(case):
-    """images/s and peak memory of timed steps of train.py's own Trainer on its own batch stream."""
-    args, k, precision, channels_last, compiled, text_source = case
-    targs, device = train_flags(args, precision, compiled), torch.device(args.device)
+def trainer_and_batches(args, k, precision=None, channels_last=None, compiled=False, text_source="cached"):
+    """(train.py's Trainer for stage k, its endless batch stream over pre-rendered shapes, the cascade config)."""
+    targs, device = train_flags(args, precision, channels_last, compiled), torch.device(args.device)
     config, spec = train.prepare(targs)
     torch.manual_seed(0)
     trainer = train.Trainer(targs, imagen.Imagen(config).to(device), k, device, rank=0, world=1)
@@ -99,21 +104,41 @@ def train_case(case):
                    else text.load_encoder(spec, max_len, device))  # minilm on every step's captions
     ds = data.make_dataset("shapes", config["stages"][-1]["size"])  # rendered before timing, as train.py reads it
     loader = [data.collate([ds[i] for i in range(j * b, (j + 1) * b)]) for j in range(WARMUP + args.steps)]
-    stream = train.batches(loader, captions_to, size, device, trainer)
-    if not channels_last:  # train.py always trains channels_last: undo it for the weights and the images
-        for module in (trainer.stage, trainer.ema):
-            module.to(memory_format=torch.contiguous_format)
-        stream = ((images.contiguous(), emb, mask) for images, emb, mask in stream)
+    return trainer, train.batches(loader, captions_to, size, device, trainer), config
+
+
+def train_case(case):
+    """images/s and peak memory of timed steps of train.py's own Trainer on its own batch stream."""
+    args, k, precision, channels_last, compiled, text_source = case
+    trainer, stream, config = trainer_and_batches(args, k, precision, channels_last, compiled, text_source)
+    steps = lambda n: [trainer.step_on([next(stream)]) for _ in range(n)]
 
     def warm_up_then_time():
-        steps = lambda n: [trainer.step_on([next(stream)]) for _ in range(n)]
         steps(WARMUP)
-        return timed(lambda: steps(args.steps), device)[1]
+        return timed(lambda: steps(args.steps), trainer.device)[1]
 
-    elapsed, mib = with_peak_mib(warm_up_then_time, device)
-    return dict(stage=f"unet{k} {config['stages'][k]['unet']}", size=size, batch=b, precision=precision,
-                channels_last=channels_last, compile=compiled, text=text_source,
-                images_per_s=round(args.steps * b / elapsed, 2), peak_mib=round(mib, 1))
+    elapsed, mib = with_peak_mib(warm_up_then_time, trainer.device)
+    stage = config["stages"][k]
+    return dict(stage=f"unet{k} {stage['unet']}", size=stage["size"], batch=args.batch_size,
+                precision=trainer.precision, channels_last=trainer.channels_last, compile=compiled, text=text_source,
+                images_per_s=round(args.steps * args.batch_size / elapsed, 2), peak_mib=round(mib, 1))
+
+
+def profile_case(case):
+    """The PROFILE_TOP operators by self time in train.py's default training step of stage k (torch.profiler)."""
+    args, k = case
+    trainer, stream, config = trainer_and_batches(args, k)
+    steps = lambda n: [trainer.step_on([next(stream)]) for _ in range(n)]
+    steps(WARMUP)
+    cuda = trainer.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+        steps(args.steps)
+    self_us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    events = sorted(prof.key_averages(), key=self_us, reverse=True)
+    total = sum(map(self_us, events))
+    return [dict(stage=f"unet{k} {config['stages'][k]['unet']}", op=e.key, calls_per_step=e.count // args.steps,
+                 ms_per_step=round(self_us(e) / 1e3 / args.steps, 2), share=round(self_us(e) / total, 3))
+            for e in events[:PROFILE_TOP]]
 
 
 def bench_train(args):
@@ -123,9 +148,21 @@ def bench_train(args):
     stages = range(len(config["stages"]))
     cases = [(args, k, p, cl, c, "cached") for k, p, cl, c in
              itertools.product(stages, ("fp32", "bf16"), (False, True), (False, True) if args.compile else (False,))]
-    cases += [(args, k, "fp32", True, False, "encoded") for k in stages]  # train.py's defaults, minilm each step
+    cases += [(args, k, None, None, False, "encoded") for k in stages]  # train.py's defaults, minilm each step
+    return in_fresh_processes(train_case, cases)
+
+
+def in_fresh_processes(fn, cases):
+    """[fn(case) for case in cases], each in a new process: its own peak memory, compile caches and profiler."""
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
-        return pool.map(train_case, cases, chunksize=1)
+        return pool.map(fn, cases, chunksize=1)
+
+
+def bench_profile(args):
+    """Rows: the top operators of each stage's training step at train.py's defaults."""
+    config, _ = train.prepare(train_flags(args))
+    return [row for rows in in_fresh_processes(profile_case, [(args, k) for k in range(len(config["stages"]))])
+            for row in rows]
 
 
 # ---- sample: every sampler at its default steps vs the all-T-steps two-pass reference ----
@@ -171,11 +208,12 @@ def sample_row(cascade, stop_at, cache, args, prompts, guidance, **options):
     sargs = sampling_args(args, **options)
     images, elapsed = timed(lambda: sample.generate(cascade, cache, prompts, stop_at, sargs), torch.device(args.device))
     return images, dict(sampler=options["sampler"], steps=options["steps"], guidance=guidance, n=len(prompts),
-                        s_per_image=round(elapsed / len(prompts), 4), **score(images, prompts))
+                        batch=sargs.batch_size, s_per_image=round(elapsed / len(prompts), 4), **score(images, prompts))
 
 
 def bench_sample(args):
-    """Rows: each sampler on --n-eval prompts, then default vs two-pass vs the reference on --ref-eval-n."""
+    """Rows: each sampler on --n-eval prompts; default vs two-pass vs the reference on --ref-eval-n; default vs
+    two-pass one image at a time on --single-n."""
     cascade, stop_at, cache = sample.load_for_sampling(sampling_args(args))
     run = functools.partial(sample_row, cascade, stop_at, cache, args)
     opts = {**imagen.SAMPLING_DEFAULTS, **cascade.config.get("sampling", {})}
@@ -190,7 +228,11 @@ def bench_sample(args):
         all_t = ",".join(str(stage.diffusion.num_timesteps) for stage in cascade.stages)
         _, row_reference = run(subset, "two-pass", sampler="ddpm", steps=all_t)
     row_two_pass["max_abs_diff_vs_batched"] = float((two_pass - batched).abs().max())  # same computation, one pass
-    return rows + [row_batched, row_two_pass, row_reference]
+    singles = prompts[:args.single_n]  # sample.py --prompt P: one image, where per-pass overhead dominates
+    row_single = run(singles, "batched", sampler=default, steps=steps, batch_size=1)[1]
+    with two_pass_guidance(cascade):
+        row_single_two_pass = run(singles, "two-pass", sampler=default, steps=steps, batch_size=1)[1]
+    return rows + [row_batched, row_two_pass, row_reference, row_single, row_single_two_pass]
 
 
 # ---- text: encoders vs cache reads ----
@@ -246,16 +288,19 @@ def target_rows(results):
     """The issue's targets, from ratios and scores measured in this run."""
     rows = []
     if "sample" in results:
-        batched, two_pass, reference = results["sample"][-3:]
+        batched, two_pass, reference, single, single_two_pass = results["sample"][-5:]
         name = f"{batched['sampler']} {batched['steps']} steps vs all-T two-pass ddpm"
         rows.append(target(f"{name}: speedup", reference["s_per_image"] / batched["s_per_image"], 20))
         rows.append(target(f"{name}: worst eval score change", min(
             batched[k] - reference[k] for k in ("color", "shape", "position") if reference[k] is not None), -0.03, ""))
-        rows.append(target("batched vs two-pass guidance", two_pass["s_per_image"] / batched["s_per_image"], 1.6))
+        for one, two in ((batched, two_pass), (single, single_two_pass)):
+            rows.append(target(f"batched vs two-pass guidance, batch {one['batch']}",
+                               two["s_per_image"] / one["s_per_image"], 1.6))
     for row in results.get("train", []):
         if row["text"] == "encoded":  # against the same stage's cached row at train.py's defaults
             cached = next(r for r in results["train"] if r["text"] == "cached" and r["stage"] == row["stage"]
-                          and r["precision"] == "fp32" and r["channels_last"] and not r["compile"])
+                          and r["precision"] == row["precision"] and r["channels_last"] == row["channels_last"]
+                          and not r["compile"])
             rows.append(target(f"{row['stage']}: cached text vs minilm each step",
                                cached["images_per_s"] / row["images_per_s"], 1.3))
     return rows
@@ -278,12 +323,14 @@ def markdown(rows):
     return "\n".join(lines + ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows])
 
 
+SECTIONS = dict(train=bench_train, profile=bench_profile, sample=bench_sample, text=bench_text)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    sections = dict(train=bench_train, sample=bench_sample, text=bench_text)
     results = dict(machine=machine(args))
     for name in args.sections.split(","):
-        results[name] = sections[name](args)
+        results[name] = SECTIONS[name](args)
     results["targets"] = target_rows(results)
     for name, rows in results.items():
         if rows:

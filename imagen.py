@@ -195,8 +195,12 @@ def find_checkpoints(ckpt):
 def load_cascade(ckpt, device="cpu", ema=True):
     """(Imagen with trained weights, number of leading stages that have weights) from a checkpoint folder/file."""
     files = find_checkpoints(ckpt)
-    states = {k: load_checkpoint(f, device) for k, f in files.items()}
-    imagen = Imagen(next(iter(states.values()))["config"]).to(device).eval()
+    states = {k: load_checkpoint(f, device) for k, f in sorted(files.items())}
+    config = states[min(states)]["config"]
+    for k, state in states.items():  # e.g. --only-unet jobs of different commands writing into one folder
+        if k >= len(config["stages"]) or state["config"]["stages"][k] != config["stages"][k]:
+            raise ValueError(f"{files[k]} was trained as U-Net {k} of a different cascade than {files[min(states)]}")
+    imagen = Imagen(config).to(device).eval()
     for k, state in states.items():
         imagen.stages[k].unet.load_state_dict(state["ema" if ema else "model"])
     trained = 0

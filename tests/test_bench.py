@@ -40,11 +40,11 @@ def test_bench_writes_every_section(tmp_path):
     cache, ckpt, out = str(tmp_path / "cache"), str(tmp_path / "run"), tmp_path / "bench.json"
     run("train.py", "--unets", "base-test,super-test", "--sizes", "16,32", "--steps", "2", "--batch-size", "4",
         "--workers", "0", "--sample-steps", "2", "--timesteps", "20", "--out", ckpt, "--cache-dir", cache)
-    proc = run("bench.py", "--sections", "text,train,sample", "--presets", "base-test", "--sizes", "32", "--steps", "1",
-               "--batch-size", "2", "--ckpt", ckpt, "--n-eval", "4", "--ref-eval-n", "2", "--sample-batch-size", "2",
-               "--text-captions", "8", "--cache-dir", cache, "--json", str(out))
+    proc = run("bench.py", "--sections", "text,train,profile,sample", "--presets", "base-test", "--sizes", "32",
+               "--steps", "1", "--batch-size", "2", "--ckpt", ckpt, "--n-eval", "4", "--ref-eval-n", "2", "--sample-batch-size", "2",
+               "--single-n", "2", "--text-captions", "8", "--cache-dir", cache, "--json", str(out))
     results = json.loads(out.read_text())
-    assert set(results) == {"machine", "text", "train", "sample", "targets"}
+    assert set(results) == {"machine", "text", "train", "profile", "sample", "targets"}
     assert "## targets" in proc.stdout and results["machine"]["threads"] >= 1
     assert {(r["encoder"], r["source"]) for r in results["text"]} == {
         (e, s) for e in ("minilm", "tiny-t5") for s in ("encode", "cache")}
@@ -53,9 +53,15 @@ def test_bench_writes_every_section(tmp_path):
         ("fp32", False, "cached"), ("fp32", True, "cached"), ("bf16", False, "cached"), ("bf16", True, "cached"),
         ("fp32", True, "encoded")}
     assert all(r["images_per_s"] > 0 and r["peak_mib"] >= 0 for r in results["train"])
+    ops = results["profile"]
+    assert len(ops) == bench.PROFILE_TOP and {r["stage"] for r in ops} == {"unet0 BaseTest"}
+    assert all(r["ms_per_step"] > 0 and r["calls_per_step"] >= 0 for r in ops)
+    assert 0 < sum(r["share"] for r in ops) <= 1.001 and any("conv" in r["op"] for r in ops)
     samplers = [(r["sampler"], r["steps"], r["guidance"], r["n"]) for r in results["sample"]]
     assert samplers == [(name, "2,2", "batched", 4) for name in registry.SAMPLERS.names()] + [
-        ("dpmpp-2m", "2,2", "batched", 2), ("dpmpp-2m", "2,2", "two-pass", 2), ("ddpm", "20,20", "two-pass", 2)]
+        ("dpmpp-2m", "2,2", "batched", 2), ("dpmpp-2m", "2,2", "two-pass", 2), ("ddpm", "20,20", "two-pass", 2),
+        ("dpmpp-2m", "2,2", "batched", 2), ("dpmpp-2m", "2,2", "two-pass", 2)]
+    assert [r["batch"] for r in results["sample"][-5:]] == [2, 2, 2, 1, 1]
     assert all(r["s_per_image"] > 0 and 0 <= r["color"] <= 1 for r in results["sample"])
-    assert results["sample"][-2]["max_abs_diff_vs_batched"] < 1e-2  # two passes compute what one batched pass does
-    assert len(results["targets"]) == 4 and all(r["measured"] is not None for r in results["targets"])
+    assert results["sample"][-4]["max_abs_diff_vs_batched"] < 1e-2  # two passes compute what one batched pass does
+    assert len(results["targets"]) == 5 and all(r["measured"] is not None for r in results["targets"])

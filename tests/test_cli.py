@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import imagen
+import train as train_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--unets", "base-test,super-test", "--sizes", "16,32", "--batch-size", "4", "--workers", "0",
@@ -127,6 +128,8 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path, cache_dir):
     ("train.py", ["--unets", "nope,super-test"], "nope"),
     ("train.py", ["--unets", "base-test", "--sizes", "16,32"], "--sizes"),
     ("train.py", ["--encoder", "no-such-encoder"], "no-such-encoder"),
+    ("train.py", ["--precision", "fp8"], "fp8"),
+    ("train.py", ["--channels-last", "2"], "--channels-last"),
     ("sample.py", ["--ckpt", "/does/not/exist", "--prompt", "x"], "/does/not/exist"),
     ("sample.py", ["--prompt", "x"], "--ckpt"),
 ])
@@ -175,3 +178,35 @@ def test_ranks_read_disjoint_samples_that_cover_the_data():
     assert set(seen[0]).isdisjoint(seen[1]) and set(seen[0]) | set(seen[1]) == set(range(10))
     resumed = iter(train.IndexStream(10, seed=3, start=4, rank=0, world_size=2, shuffle=True))
     assert [next(resumed) for _ in range(3)] == seen[0][2:5]
+
+
+def trainer_for(*flags):
+    """train.py's Trainer for stage 0 of the tiny cascade built from these flags (no training)."""
+    args = train_module.parse_args([*TINY, *flags])
+    config, _ = train_module.prepare(args)
+    return train_module.Trainer(args, imagen.Imagen(config), 0, torch.device("cpu"), rank=0, world=1), args
+
+
+def test_learning_rate_warms_up_then_decays_to_the_final_fraction():
+    t, args = trainer_for("--steps", "100", "--warmup", "10", "--lr", "1e-3", "--lr-final", "0.1")
+    lrs = []
+    for step in range(100):
+        t.step = step
+        lrs.append(t.lr())
+    assert lrs[0] == pytest.approx(1e-4) and max(lrs) <= 1e-3
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))  # warmup rises
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # cosine decay falls
+    t.step = 100
+    assert t.lr() == pytest.approx(1e-4) and t.finished()
+    t, _ = trainer_for("--minutes", "2", "--lr-final", "0.5")  # a time budget: progress is the elapsed fraction
+    t.step, t.elapsed = 10_000, 60.0
+    assert t.progress() == pytest.approx(0.5) and t.lr() == pytest.approx(1e-3 * 0.75) and not t.finished()
+
+
+def test_precision_and_memory_format_are_set_per_stage():
+    t, _ = trainer_for("--steps", "1", "--precision", "bf16,fp32", "--channels-last", "0,1")
+    assert t.precision == "bf16" and t.autocast["enabled"] and t.autocast["dtype"] == torch.bfloat16
+    assert not t.stage.unet.final_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    args = train_module.parse_args([*TINY, "--steps", "1"])
+    train_module.prepare(args)
+    assert args.precisions == ["fp32", "fp32"] and args.channels_lasts == [True, True]

@@ -77,3 +77,12 @@ def test_checkpoint_round_trip_rebuilds_the_cascade(tmp_path, cascade):
     assert trained == 2
     for a, b in zip(cascade.state_dict().values(), loaded.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_checkpoints_of_different_cascades_are_not_mixed(tmp_path, cascade):
+    other = tiny_config(target="eps")  # the same U-Nets, another diffusion target
+    for k, (config, stage) in enumerate(zip((cascade.config, other), cascade.stages)):
+        state = dict(config=config, unet=k, model=stage.unet.state_dict(), ema=stage.unet.state_dict())
+        imagen.save_checkpoint(state, imagen.checkpoint_path(tmp_path, k))
+    with pytest.raises(ValueError, match="unet1.pt was trained as U-Net 1 of a different cascade"):
+        imagen.load_cascade(str(tmp_path))
