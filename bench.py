@@ -177,6 +177,8 @@ class TwoPassGuidance(nn.Module):
     def forward_with_cond_scale(self, x, time, text_embeds, text_mask, *, cond_scale=1.0, **lowres):
         """Unet.forward_with_cond_scale's output, from a conditional pass and a separate null pass."""
         cond = self.unet(x, time, text_embeds, text_mask, **lowres)  # [b, c, h, w]
+        if cond_scale == 1:  # unguided: one pass, as in the batched U-Net and in imagen-pytorch
+            return cond
         null = self.unet(x, time, text_embeds, text_mask, cond_drop_prob=1.0, **lowres)  # every text dropped
         return null + (cond - null) * cond_scale  # Ho & Salimans 2022, eq. 6
 

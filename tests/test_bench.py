@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import bench
@@ -21,7 +22,8 @@ def run(script, *args):
     return proc
 
 
-def test_two_pass_guidance_matches_the_batched_pass():
+@pytest.mark.parametrize("cond_scale", [1.0, 3.0])
+def test_two_pass_guidance_matches_the_batched_pass(cond_scale):
     torch.manual_seed(0)
     unet = Unet(**registry.UNETS["base-test"], text_embed_dim=8, lowres_cond=True).eval()
     x, lowres = torch.randn(3, 3, 16, 16), dict(lowres_img=torch.randn(3, 3, 16, 16), lowres_noise_time=torch.rand(3))
@@ -30,8 +32,9 @@ def test_two_pass_guidance_matches_the_batched_pass():
     for p in unet.final_conv.parameters():  # the zero-initialised output layer would make every output 0
         torch.nn.init.normal_(p)
     with torch.no_grad():
-        batched = unet.forward_with_cond_scale(x, time, emb, mask, cond_scale=3.0, **lowres)
-        two_pass = bench.TwoPassGuidance(unet).forward_with_cond_scale(x, time, emb, mask, cond_scale=3.0, **lowres)
+        batched = unet.forward_with_cond_scale(x, time, emb, mask, cond_scale=cond_scale, **lowres)
+        two_pass = bench.TwoPassGuidance(unet).forward_with_cond_scale(x, time, emb, mask, cond_scale=cond_scale,
+                                                                       **lowres)
     assert batched.abs().max() > 0
     torch.testing.assert_close(two_pass, batched, atol=1e-4, rtol=1e-4)
 
