@@ -207,13 +207,13 @@ class Trainer:
         return max(self.step / steps if steps else 0.0, self.elapsed / (60 * minutes) if minutes else 0.0)
 
     def finished(self):
-        """Whether the step or time budget is spent; under DDP rank 0's clock decides for every rank."""
-        over = self.progress() >= 1
-        if self.world == 1:
-            return over
-        flag = torch.tensor(float(over), device=self.device)
-        dist.broadcast(flag, 0)
-        return bool(flag)
+        """Whether the step or time budget is spent. Under DDP every rank takes rank 0's clock first, so that all
+        ranks stop at the same step and use the same learning rate."""
+        if self.world > 1:
+            clock = torch.tensor(self.elapsed, dtype=torch.float64, device=self.device)
+            dist.broadcast(clock, 0)
+            self.elapsed = clock.item()
+        return self.progress() >= 1
 
     def lr(self):
         """Linear warmup, then cosine decay to lr * lr_final at the end of the budget (Loshchilov & Hutter 2017)."""
