@@ -107,15 +107,20 @@ def trainer_and_batches(args, k, precision=None, channels_last=None, compiled=Fa
     return trainer, train.batches(loader, captions_to, size, device, trainer), config
 
 
+def run_steps(trainer, stream, n):
+    """n optimizer steps of the trainer on the stream's next batches."""
+    for _ in range(n):
+        trainer.step_on([next(stream)])
+
+
 def train_case(case):
     """images/s and peak memory of timed steps of train.py's own Trainer on its own batch stream."""
     args, k, precision, channels_last, compiled, text_source = case
     trainer, stream, config = trainer_and_batches(args, k, precision, channels_last, compiled, text_source)
-    steps = lambda n: [trainer.step_on([next(stream)]) for _ in range(n)]
 
     def warm_up_then_time():
-        steps(WARMUP)
-        return timed(lambda: steps(args.steps), trainer.device)[1]
+        run_steps(trainer, stream, WARMUP)
+        return timed(lambda: run_steps(trainer, stream, args.steps), trainer.device)[1]
 
     elapsed, mib = with_peak_mib(warm_up_then_time, trainer.device)
     stage = config["stages"][k]
@@ -128,11 +133,10 @@ def profile_case(case):
     """The PROFILE_TOP operators by self time in train.py's default training step of stage k (torch.profiler)."""
     args, k = case
     trainer, stream, config = trainer_and_batches(args, k)
-    steps = lambda n: [trainer.step_on([next(stream)]) for _ in range(n)]
-    steps(WARMUP)
+    run_steps(trainer, stream, WARMUP)
     cuda = trainer.device.type == "cuda"
     with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
-        steps(args.steps)
+        run_steps(trainer, stream, args.steps)
     self_us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
     events = sorted(prof.key_averages(), key=self_us, reverse=True)
     total = sum(map(self_us, events))
