@@ -372,6 +372,7 @@ def main(argv=None):
         path = write_grid(cascade, trainers, cache, max(todo), os.path.join(args.out, "samples.png"), device)
         print(f"checkpoints in {args.out}/, samples in {path}")
     if world > 1:
+        dist.barrier()  # no rank tears the group down while rank 0 still writes
         dist.destroy_process_group()
 
 
