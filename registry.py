@@ -70,7 +70,7 @@ UNETS = Registry("unet preset", {
     # CPU-trainable presets for the default 20-minute run (sizes settled by measurement, see README).
     "BaseSmall": dict(dim=32, dim_mults=(1, 2, 4), num_resnet_blocks=1, layer_attns=(False, True, True),
                       layer_cross_attns=(False, True, True), attn_heads=4, attn_dim_head=32, cond_dim=128,
-                      max_text_len=16, memory_efficient=True, coord_channels=True),
+                      max_text_len=16, memory_efficient=True, coord_channels=True, text_kernel_size=5),
     "SuperSmall": dict(dim=16, dim_mults=(1, 2, 4), num_resnet_blocks=1, layer_attns=False,
                        layer_cross_attns=(False, False, True), attn_heads=2, attn_dim_head=32, cond_dim=128,
                        max_text_len=16),

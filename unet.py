@@ -93,6 +93,22 @@ def time_mlp(dim, time_cond_dim):
     return nn.Sequential(SinusoidalEmbedding(dim), nn.Linear(dim, time_cond_dim), nn.SiLU())
 
 
+def text_neighbours(dim, kernel_size):
+    """A zero-initialised convolution over the token axis [b, dim, n], added to the text tokens, or None for 1.
+
+    Ours, not the papers': it lets each token carry its neighbours' words ("orange" learns it precedes "square"),
+    so a region that attends to its colour's token also reads that colour's shape. Off (1) in the paper presets.
+    """
+    if kernel_size == 1:
+        return None
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"text_kernel_size={kernel_size}; it must be odd and positive (1 = no mixing)")
+    conv = nn.Conv1d(dim, dim, kernel_size, padding=kernel_size // 2)
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
 class CrossEmbed(nn.Module):
     """First convolution: kernels 3, 7 and 15 in parallel, outputs concatenated (MinImagen CrossEmbedLayer)."""
 
@@ -198,7 +214,8 @@ class Unet(nn.Module):
 
     def __init__(self, *, dim, dim_mults, text_embed_dim, channels=3, num_resnet_blocks=1, layer_attns=False,
                  layer_cross_attns=False, attn_heads=4, attn_dim_head=32, cond_dim=128, max_text_len=32,
-                 num_time_tokens=2, lowres_cond=False, memory_efficient=False, coord_channels=False):
+                 num_time_tokens=2, lowres_cond=False, memory_efficient=False, coord_channels=False,
+                 text_kernel_size=1):
         super().__init__()
         levels = len(dim_mults)
         blocks = per_level(num_resnet_blocks, levels, "num_resnet_blocks")
@@ -216,6 +233,7 @@ class Unet(nn.Module):
         self.to_time_cond = nn.Linear(time_cond_dim, time_cond_dim)
         self.to_time_tokens = nn.Linear(time_cond_dim, num_time_tokens * cond_dim)
         self.text_to_cond = nn.Sequential(nn.Linear(text_embed_dim, cond_dim), nn.LayerNorm(cond_dim))  # Imagen §2.5
+        self.text_neighbours = text_neighbours(cond_dim, text_kernel_size)
         self.to_pooled_cond = nn.Sequential(nn.Linear(cond_dim, time_cond_dim), nn.SiLU(),
                                             nn.Linear(time_cond_dim, time_cond_dim))
         self.null_text_tokens = nn.Parameter(torch.randn(max_text_len, cond_dim))
@@ -305,8 +323,11 @@ class Unet(nn.Module):
         """Text tokens [b, max_text_len, cond_dim] (null where masked or dropped), where to attend, pooled text."""
         text_embeds, text_mask = text_embeds[:, :self.max_text_len], text_mask[:, :self.max_text_len]
         pad = self.max_text_len - text_embeds.shape[1]
-        tokens = F.pad(self.text_to_cond(text_embeds), (0, 0, 0, pad))  # [b, max_text_len, cond_dim]
-        real = F.pad(text_mask, (0, pad), value=False) & keep_text[:, None]  # [b, max_text_len]
+        real = F.pad(text_mask, (0, pad), value=False)  # [b, max_text_len]
+        tokens = F.pad(self.text_to_cond(text_embeds), (0, 0, 0, pad)) * real[..., None]  # [b, max_text_len, cond_dim]
+        if self.text_neighbours is not None:
+            tokens = tokens + self.text_neighbours(tokens.transpose(1, 2)).transpose(1, 2)
+        real = real & keep_text[:, None]
         tokens = torch.where(real[..., None], tokens, self.null_text_tokens)  # learned null text (classifier-free)
         count = real.sum(dim=1, keepdim=True).clamp(min=1)  # [b, 1]
         pooled = self.to_pooled_cond((tokens * real[..., None]).sum(dim=1) / count)  # masked mean, [b, time_cond_dim]

@@ -9,7 +9,8 @@ from unet import Unet, parameter_table
 TEXT_DIM = 12
 # BaseTest with self- and cross-attention at every level, so that every attention path is exercised.
 ATTN_TEST = dict(registry.UNETS["BaseTest"], layer_attns=True, layer_cross_attns=True)
-SMALL_PRESETS = ["BaseTest", "SuperTest", "BaseSmall", "SuperSmall"]
+MIX_TEST = dict(ATTN_TEST, text_kernel_size=3)  # ... and a convolution over neighbouring text tokens
+SMALL_PRESETS = ["BaseTest", "SuperTest", "BaseSmall", "SuperSmall", MIX_TEST]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -90,15 +91,35 @@ def test_dropped_text_is_ignored_and_kept_text_matters(preset):
 
 
 @settings(max_examples=25, deadline=None)
-@given(extra=st.integers(1, 20), real=st.integers(1, 8))
-def test_padding_tokens_do_not_change_the_output(extra, real):
-    unet = make_unet(ATTN_TEST)  # max_text_len 16: with extra padding the text is also truncated
+@given(extra=st.integers(1, 20), real=st.integers(1, 8), mix=st.booleans())
+def test_padding_tokens_do_not_change_the_output(extra, real, mix):
+    unet = make_unet(MIX_TEST if mix else ATTN_TEST)  # max_text_len 16: with extra padding the text is also truncated
+    if mix:
+        torch.nn.init.normal_(unet.text_neighbours.weight, std=0.1)  # trained-like, so that padding could leak
     (x, t, _, _), _ = make_inputs(unet)
     text = torch.randn(2, real, TEXT_DIM)
     mask = torch.ones(2, real, dtype=torch.bool)
     padded_text = torch.cat((text, torch.randn(2, extra, TEXT_DIM)), dim=1)  # garbage under mask False
     padded_mask = torch.cat((mask, torch.zeros(2, extra, dtype=torch.bool)), dim=1)
     torch.testing.assert_close(unet(x, t, padded_text, padded_mask), unet(x, t, text, mask), rtol=0, atol=1e-6)
+
+
+def test_text_neighbours_start_as_identity_and_mix_adjacent_tokens_only():
+    mixing = make_unet(MIX_TEST)
+    plain = Unet(**ATTN_TEST, text_embed_dim=TEXT_DIM)
+    plain.load_state_dict({k: v for k, v in mixing.state_dict().items() if not k.startswith("text_neighbours")})
+    args, _ = make_inputs(mixing)
+    torch.testing.assert_close(mixing(*args), plain(*args), rtol=0, atol=0)  # zero-initialised: no change at first
+
+    torch.nn.init.normal_(mixing.text_neighbours.weight, std=0.1)
+    text = torch.randn(1, 6, TEXT_DIM)
+    changed = text.clone()
+    changed[:, 3] += 1  # change token 3 only
+    keep, mask = torch.ones(1, dtype=torch.bool), torch.ones(1, 6, dtype=torch.bool)
+    for unet, moved in ((plain, [3]), (mixing, [2, 3, 4])):  # kernel 3: token 3's neighbours see it too
+        tokens, changed_tokens = (unet._text_condition(tx, mask, keep)[0] for tx in (text, changed))
+        differs = (tokens - changed_tokens).abs().amax(dim=-1)[0] > 1e-6  # [max_text_len]
+        assert differs.nonzero().flatten().tolist() == moved
 
 
 def test_kept_text_masks_out_the_null_tokens_and_dropped_text_attends_them():
@@ -170,3 +191,5 @@ def test_bad_preset_values_are_value_errors():
         registry.UNETS["bsae"]
     with pytest.raises(ValueError, match=r"num_resnet_blocks=\(1, 2, 3\) has 3 entries; give one value or 2"):
         Unet(**dict(registry.UNETS["BaseTest"], num_resnet_blocks=(1, 2, 3)), text_embed_dim=TEXT_DIM)
+    with pytest.raises(ValueError, match=r"text_kernel_size=4; it must be odd and positive"):
+        Unet(**dict(registry.UNETS["BaseTest"], text_kernel_size=4), text_embed_dim=TEXT_DIM)
