@@ -323,11 +323,11 @@ class Unet(nn.Module):
         """Text tokens [b, max_text_len, cond_dim] (null where masked or dropped), where to attend, pooled text."""
         text_embeds, text_mask = text_embeds[:, :self.max_text_len], text_mask[:, :self.max_text_len]
         pad = self.max_text_len - text_embeds.shape[1]
-        real = F.pad(text_mask, (0, pad), value=False)  # [b, max_text_len]
-        tokens = F.pad(self.text_to_cond(text_embeds), (0, 0, 0, pad)) * real[..., None]  # [b, max_text_len, cond_dim]
-        if self.text_neighbours is not None:
+        present = F.pad(text_mask, (0, pad), value=False)  # [b, max_text_len]: tokens, not padding
+        tokens = F.pad(self.text_to_cond(text_embeds), (0, 0, 0, pad)) * present[..., None]  # [b, max_text_len, cond_dim]
+        if self.text_neighbours is not None:  # zeroed padding: nothing leaks into the real tokens' neighbours
             tokens = tokens + self.text_neighbours(tokens.transpose(1, 2)).transpose(1, 2)
-        real = real & keep_text[:, None]
+        real = present & keep_text[:, None]  # [b, max_text_len]
         tokens = torch.where(real[..., None], tokens, self.null_text_tokens)  # learned null text (classifier-free)
         count = real.sum(dim=1, keepdim=True).clamp(min=1)  # [b, 1]
         pooled = self.to_pooled_cond((tokens * real[..., None]).sum(dim=1) / count)  # masked mean, [b, time_cond_dim]
