@@ -324,7 +324,7 @@ class Unet(nn.Module):
         text_embeds, text_mask = text_embeds[:, :self.max_text_len], text_mask[:, :self.max_text_len]
         pad = self.max_text_len - text_embeds.shape[1]
         present = F.pad(text_mask, (0, pad), value=False)  # [b, max_text_len]: tokens, not padding
-        tokens = F.pad(self.text_to_cond(text_embeds), (0, 0, 0, pad)) * present[..., None]  # [b, max_text_len, cond_dim]
+        tokens = F.pad(self.text_to_cond(text_embeds), (0, 0, 0, pad)) * present[..., None]  # [b, max_text_len, cond]
         if self.text_neighbours is not None:  # zeroed padding: nothing leaks into the real tokens' neighbours
             tokens = tokens + self.text_neighbours(tokens.transpose(1, 2)).transpose(1, 2)
         real = present & keep_text[:, None]  # [b, max_text_len]
