@@ -2,8 +2,8 @@
 
 train: images/s and peak memory of a training step per stage (fp32/bf16 x channels_last x compile; cached text vs
 minilm each step). profile: the top operators of each stage's training step (torch.profiler). sample: seconds per
-image and eval scores per sampler, against ancestral DDPM over all T steps with two-pass guidance, batched and one
-image at a time. text: captions/s per encoder vs cache reads. Speed is measured here, never in tests.
+image and eval scores per sampler, against ancestral DDPM over all T steps with two-pass guidance; batched vs two-pass
+guidance on the guided base stage. text: captions/s per encoder vs cache reads. Speed is measured here, never in tests.
 """
 import argparse
 import contextlib
@@ -210,35 +210,42 @@ def sampling_args(args, **options):
 
 
 def sample_row(cascade, stop_at, cache, args, prompts, guidance, **options):
-    """(images, row): seconds per image and eval scores of sample.generate on the prompts."""
+    """(images, row): seconds per image and eval scores of sample.generate through U-Nets [0, stop_at)."""
     sargs = sampling_args(args, **options)
     images, elapsed = timed(lambda: sample.generate(cascade, cache, prompts, stop_at, sargs), torch.device(args.device))
-    return images, dict(sampler=options["sampler"], steps=options["steps"], guidance=guidance, n=len(prompts),
-                        batch=sargs.batch_size, s_per_image=round(elapsed / len(prompts), 4), **score(images, prompts))
+    return images, dict(stages=stop_at, sampler=options["sampler"], steps=options["steps"], guidance=guidance,
+                        n=len(prompts), batch=sargs.batch_size, s_per_image=round(elapsed / len(prompts), 4),
+                        **score(images, prompts))
 
 
 def bench_sample(args):
-    """Rows: each sampler on --n-eval prompts; default vs two-pass vs the reference on --ref-eval-n; default vs
-    two-pass one image at a time on --single-n."""
+    """Rows, each with a role: every sampler on --n-eval prompts; the default vs two-pass guidance vs the all-T
+    reference on --ref-eval-n; and batched vs two-pass guidance on the base stage alone (the guided one), at
+    --sample-batch-size and one image at a time."""
     cascade, stop_at, cache = sample.load_for_sampling(sampling_args(args))
-    run = functools.partial(sample_row, cascade, stop_at, cache, args)
     opts = {**imagen.SAMPLING_DEFAULTS, **cascade.config.get("sampling", {})}
     steps = ",".join(map(str, imagen.per_stage(opts["steps"], len(cascade.stages))))
+    default = registry.SAMPLERS.canonical(opts["sampler"])
     prompts = data.shapes_captions(args.n_eval, seed=EVAL_SEED)
     cache(prompts)  # encode misses now: the timings are sampling alone
-    rows = [run(prompts, "batched", sampler=name, steps=steps)[1] for name in registry.SAMPLERS.names()]
-    subset, default = prompts[:args.ref_eval_n], registry.SAMPLERS.canonical(opts["sampler"])
-    batched, row_batched = run(subset, "batched", sampler=default, steps=steps)
-    with two_pass_guidance(cascade):
-        two_pass, row_two_pass = run(subset, "two-pass", sampler=default, steps=steps)
-        all_t = ",".join(str(stage.diffusion.num_timesteps) for stage in cascade.stages)
-        _, row_reference = run(subset, "two-pass", sampler="ddpm", steps=all_t)
+
+    def run(role, n, guidance="batched", stages=stop_at, sampler=default, sampler_steps=steps, **options):
+        with two_pass_guidance(cascade) if guidance == "two-pass" else contextlib.nullcontext():
+            images, row = sample_row(cascade, stages, cache, args, prompts[:n], guidance, sampler=sampler,
+                                     steps=sampler_steps, **options)
+        return images, dict(role=role, **row)
+
+    rows = [run("sampler", args.n_eval, sampler=name)[1] for name in registry.SAMPLERS.names()]
+    batched, row_batched = run("default", args.ref_eval_n)
+    two_pass, row_two_pass = run("two-pass", args.ref_eval_n, "two-pass")
     row_two_pass["max_abs_diff_vs_batched"] = float((two_pass - batched).abs().max())  # same computation, one pass
-    singles = prompts[:args.single_n]  # sample.py --prompt P: one image, where per-pass overhead dominates
-    row_single = run(singles, "batched", sampler=default, steps=steps, batch_size=1)[1]
-    with two_pass_guidance(cascade):
-        row_single_two_pass = run(singles, "two-pass", sampler=default, steps=steps, batch_size=1)[1]
-    return rows + [row_batched, row_two_pass, row_reference, row_single, row_single_two_pass]
+    all_t = ",".join(str(stage.diffusion.num_timesteps) for stage in cascade.stages)
+    rows += [row_batched, row_two_pass, run("reference", args.ref_eval_n, "two-pass", sampler="ddpm",
+                                            sampler_steps=all_t)[1]]
+    for batch, n in ((args.sample_batch_size, args.ref_eval_n), (1, args.single_n)):  # sample.py --prompt P: batch 1
+        rows += [run(f"base {guidance}", n, guidance, stages=1, batch_size=batch)[1]
+                 for guidance in ("batched", "two-pass")]
+    return rows
 
 
 # ---- text: encoders vs cache reads ----
@@ -294,14 +301,17 @@ def target_rows(results):
     """The issue's targets, from ratios and scores measured in this run."""
     rows = []
     if "sample" in results:
-        batched, two_pass, reference, single, single_two_pass = results["sample"][-5:]
-        name = f"{batched['sampler']} {batched['steps']} steps vs all-T two-pass ddpm"
-        rows.append(target(f"{name}: speedup", reference["s_per_image"] / batched["s_per_image"], 20))
+        def role(name, batch=None):
+            return next(r for r in results["sample"] if r["role"] == name and batch in (None, r["batch"]))
+        default, reference = role("default"), role("reference")
+        name = f"{default['sampler']} {default['steps']} steps vs all-T two-pass ddpm"
+        rows.append(target(f"{name}: speedup", reference["s_per_image"] / default["s_per_image"], 20))
         rows.append(target(f"{name}: worst eval score change", min(
-            batched[k] - reference[k] for k in ("color", "shape", "position") if reference[k] is not None), -0.03, ""))
-        for one, two in ((batched, two_pass), (single, single_two_pass)):
-            rows.append(target(f"batched vs two-pass guidance, batch {one['batch']}",
-                               two["s_per_image"] / one["s_per_image"], 1.6))
+            default[k] - reference[k] for k in ("color", "shape", "position") if reference[k] is not None), -0.03, ""))
+        for batch in (default["batch"], 1):
+            rows.append(target(f"batched vs two-pass guidance, guided base stage, batch {batch}",
+                               role("base two-pass", batch)["s_per_image"] / role("base batched", batch)["s_per_image"],
+                               1.6))
     for row in results.get("train", []):
         if row["text"] == "encoded":  # against the same stage's cached row at train.py's defaults
             cached = next(r for r in results["train"] if r["text"] == "cached" and r["stage"] == row["stage"]

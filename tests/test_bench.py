@@ -60,11 +60,14 @@ def test_bench_writes_every_section(tmp_path):
     assert len(ops) == bench.PROFILE_TOP and {r["stage"] for r in ops} == {"unet0 BaseTest"}
     assert all(r["ms_per_step"] > 0 and r["calls_per_step"] >= 0 for r in ops)
     assert 0 < sum(r["share"] for r in ops) <= 1.001 and any("conv" in r["op"] for r in ops)
-    samplers = [(r["sampler"], r["steps"], r["guidance"], r["n"]) for r in results["sample"]]
-    assert samplers == [(name, "2,2", "batched", 4) for name in registry.SAMPLERS.names()] + [
-        ("dpmpp-2m", "2,2", "batched", 2), ("dpmpp-2m", "2,2", "two-pass", 2), ("ddpm", "20,20", "two-pass", 2),
-        ("dpmpp-2m", "2,2", "batched", 2), ("dpmpp-2m", "2,2", "two-pass", 2)]
-    assert [r["batch"] for r in results["sample"][-5:]] == [2, 2, 2, 1, 1]
+    rows = [(r["role"], r["stages"], r["sampler"], r["steps"], r["guidance"], r["n"], r["batch"])
+            for r in results["sample"]]
+    assert rows == [("sampler", 2, name, "2,2", "batched", 4, 2) for name in registry.SAMPLERS.names()] + [
+        ("default", 2, "dpmpp-2m", "2,2", "batched", 2, 2), ("two-pass", 2, "dpmpp-2m", "2,2", "two-pass", 2, 2),
+        ("reference", 2, "ddpm", "20,20", "two-pass", 2, 2)] + [
+        (f"base {guidance}", 1, "dpmpp-2m", "2,2", guidance, 2, batch)
+        for batch in (2, 1) for guidance in ("batched", "two-pass")]
     assert all(r["s_per_image"] > 0 and 0 <= r["color"] <= 1 for r in results["sample"])
-    assert results["sample"][-4]["max_abs_diff_vs_batched"] < 1e-2  # two passes compute what one batched pass does
+    two_pass = next(r for r in results["sample"] if r["role"] == "two-pass")
+    assert two_pass["max_abs_diff_vs_batched"] < 1e-2  # two passes compute what one batched pass does
     assert len(results["targets"]) == 5 and all(r["measured"] is not None for r in results["targets"])
