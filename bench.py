@@ -7,7 +7,6 @@ guidance on the guided base stage. text: captions/s per encoder vs cache reads. 
 """
 import argparse
 import contextlib
-import functools
 import io
 import itertools
 import json
