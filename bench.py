@@ -225,7 +225,8 @@ def bench_sample(args):
     opts = {**imagen.SAMPLING_DEFAULTS, **cascade.config.get("sampling", {})}
     steps = ",".join(map(str, imagen.per_stage(opts["steps"], len(cascade.stages))))
     default = registry.SAMPLERS.canonical(opts["sampler"])
-    prompts = data.shapes_captions(args.n_eval, seed=EVAL_SEED)
+    # every row samples a prefix of the same eval prompts (shapes_captions is prefix-stable)
+    prompts = data.shapes_captions(max(args.n_eval, args.ref_eval_n, args.single_n), seed=EVAL_SEED)
     cache(prompts)  # encode misses now: the timings are sampling alone
 
     def run(role, n, guidance="batched", stages=stop_at, sampler=default, sampler_steps=steps, **options):

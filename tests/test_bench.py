@@ -44,7 +44,7 @@ def test_bench_writes_every_section(tmp_path):
     run("train.py", "--unets", "base-test,super-test", "--sizes", "16,32", "--steps", "2", "--batch-size", "4",
         "--workers", "0", "--sample-steps", "2", "--timesteps", "20", "--out", ckpt, "--cache-dir", cache)
     proc = run("bench.py", "--sections", "text,train,profile,sample", "--presets", "base-test", "--sizes", "32",
-               "--steps", "1", "--batch-size", "2", "--ckpt", ckpt, "--n-eval", "4", "--ref-eval-n", "2", "--sample-batch-size", "2",
+               "--steps", "1", "--batch-size", "2", "--ckpt", ckpt, "--n-eval", "4", "--ref-eval-n", "6", "--sample-batch-size", "2",
                "--single-n", "2", "--text-captions", "8", "--cache-dir", cache, "--json", str(out))
     results = json.loads(out.read_text())
     assert set(results) == {"machine", "text", "train", "profile", "sample", "targets"}
@@ -63,9 +63,9 @@ def test_bench_writes_every_section(tmp_path):
     rows = [(r["role"], r["stages"], r["sampler"], r["steps"], r["guidance"], r["n"], r["batch"])
             for r in results["sample"]]
     assert rows == [("sampler", 2, name, "2,2", "batched", 4, 2) for name in registry.SAMPLERS.names()] + [
-        ("default", 2, "dpmpp-2m", "2,2", "batched", 2, 2), ("two-pass", 2, "dpmpp-2m", "2,2", "two-pass", 2, 2),
-        ("reference", 2, "ddpm", "20,20", "two-pass", 2, 2)] + [
-        (f"base {guidance}", 1, "dpmpp-2m", "2,2", guidance, 2, batch)
+        ("default", 2, "dpmpp-2m", "2,2", "batched", 6, 2), ("two-pass", 2, "dpmpp-2m", "2,2", "two-pass", 6, 2),
+        ("reference", 2, "ddpm", "20,20", "two-pass", 6, 2)] + [
+        (f"base {guidance}", 1, "dpmpp-2m", "2,2", guidance, 6 if batch == 2 else 2, batch)
         for batch in (2, 1) for guidance in ("batched", "two-pass")]
     assert all(r["s_per_image"] > 0 and 0 <= r["color"] <= 1 for r in results["sample"])
     two_pass = next(r for r in results["sample"] if r["role"] == "two-pass")
