@@ -43,7 +43,8 @@ def parse_args(argv=None):
     a("--sizes", default=defaults.sizes, help="train: their image sizes, as train.py --sizes")
     a("--batch-size", type=int, default=defaults.batch_size, help="train: images per step")
     a("--steps", type=int, default=5, help=f"train: timed steps per measurement (after {WARMUP} warm-up steps)")
-    a("--compile", action="store_true", help="train: also measure torch.compile (slow to compile on CPU)")
+    a("--compile", nargs="?", const="default", default=None, choices=train.COMPILE_MODES,
+      help="train: also measure torch.compile in this mode (slow to compile on CPU)")
     a("--ckpt", default=defaults.out, help="sample: a trained cascade (a train.py --out folder)")
     a("--n-eval", type=int, default=96, help="sample: eval prompts per sampler at its default steps")
     a("--ref-eval-n", type=int, default=24, help="sample: prompts for the slow all-T-steps two-pass reference")
@@ -72,11 +73,12 @@ def timed(fn, device):
 
 # ---- train: each measurement in a fresh process, so peak memory and compile caches are its own ----
 
-def train_flags(args, precision=None, channels_last=None, compiled=False):
-    """train.py's parsed flags for the benchmarked cascade (nothing is saved to --out); None: train.py's default."""
+def train_flags(args, precision=None, channels_last=None, compiled=None):
+    """train.py's parsed flags for the benchmarked cascade (nothing is saved to --out); None: train.py's default;
+    compiled: a torch.compile mode."""
     flags = ["--unets", args.presets, "--sizes", args.sizes, "--batch-size", str(args.batch_size), "--steps", "1",
              "--cache-dir", args.cache_dir, "--out", tempfile.gettempdir()]
-    flags += ["--compile"] * compiled + ([] if precision is None else ["--precision", precision])
+    flags += (["--compile", compiled] if compiled else []) + ([] if precision is None else ["--precision", precision])
     flags += [] if channels_last is None else ["--channels-last", str(int(channels_last))]
     return train.parse_args(flags)
 
@@ -92,7 +94,7 @@ def with_peak_mib(fn, device):
     return result, next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024  # kB -> MiB
 
 
-def trainer_and_batches(args, k, precision=None, channels_last=None, compiled=False, text_source="cached"):
+def trainer_and_batches(args, k, precision=None, channels_last=None, compiled=None, text_source="cached"):
     """(train.py's Trainer for stage k, its endless batch stream over pre-rendered shapes, the cascade config)."""
     targs, device = train_flags(args, precision, channels_last, compiled), torch.device(args.device)
     config, spec = train.prepare(targs)
@@ -124,7 +126,7 @@ def train_case(case):
     elapsed, mib = with_peak_mib(warm_up_then_time, trainer.device)
     stage = config["stages"][k]
     return dict(stage=f"unet{k} {stage['unet']}", size=stage["size"], batch=args.batch_size,
-                precision=trainer.precision, channels_last=trainer.channels_last, compile=compiled, text=text_source,
+                precision=trainer.precision, channels_last=trainer.channels_last, compile=compiled or False, text=text_source,
                 images_per_s=round(args.steps * args.batch_size / elapsed, 2), peak_mib=round(mib, 1))
 
 
@@ -145,13 +147,15 @@ def profile_case(case):
 
 
 def bench_train(args):
-    """Rows of every (stage, precision, channels_last, compile) with cached text, then minilm-each-step."""
+    """Rows of every (stage, precision, channels_last, compile) with cached text, then minilm-each-step at train.py's
+    defaults, uncompiled and compiled."""
     config, spec = train.prepare(train_flags(args))
     text.EmbeddingCache(args.cache_dir, spec, config["max_text_len"]).precompute(data.all_shapes_captions())
     stages = range(len(config["stages"]))
+    compile_modes = list(dict.fromkeys((None, args.compile)))  # uncompiled, and --compile's mode if given
     cases = [(args, k, p, cl, c, "cached") for k, p, cl, c in
-             itertools.product(stages, ("fp32", "bf16"), (False, True), (False, True) if args.compile else (False,))]
-    cases += [(args, k, None, None, False, "encoded") for k in stages]  # train.py's defaults, minilm each step
+             itertools.product(stages, ("fp32", "bf16"), (False, True), compile_modes)]
+    cases += [(args, k, None, None, c, "encoded") for k in stages for c in compile_modes]  # minilm each step
     return in_fresh_processes(train_case, cases)
 
 
@@ -313,11 +317,12 @@ def target_rows(results):
                                role("base two-pass", batch)["s_per_image"] / role("base batched", batch)["s_per_image"],
                                1.6))
     for row in results.get("train", []):
-        if row["text"] == "encoded":  # against the same stage's cached row at train.py's defaults
+        if row["text"] == "encoded":  # against the cached row of the same stage and settings
             cached = next(r for r in results["train"] if r["text"] == "cached" and r["stage"] == row["stage"]
                           and r["precision"] == row["precision"] and r["channels_last"] == row["channels_last"]
-                          and not r["compile"])
-            rows.append(target(f"{row['stage']}: cached text vs minilm each step",
+                          and r["compile"] == row["compile"])
+            compiled = f", compile {row['compile']}" if row["compile"] else ""
+            rows.append(target(f"{row['stage']}{compiled}: cached text vs minilm each step",
                                cached["images_per_s"] / row["images_per_s"], 1.3))
     return rows
 

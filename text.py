@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 SHARD_CAPTIONS = 4096  # captions per cache shard written by `precompute`
@@ -44,7 +45,7 @@ def encoder_dim(spec):
 
 
 class TextEncoder:
-    """A frozen tokenizer + encoder: captions -> (token embeddings [b, n, d], mask [b, n]), n <= max_length."""
+    """A frozen tokenizer + encoder: captions -> (token embeddings [b, max_length, d], mask [b, max_length])."""
 
     def __init__(self, name, tokenizer, model, max_length):
         self.name, self.tokenizer, self.model, self.max_length = name, tokenizer, model, max_length
@@ -59,7 +60,10 @@ class TextEncoder:
         with torch.no_grad():  # no_grad, not inference_mode: the U-Net's backward must be able to save these
             emb = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
         mask = tokens.attention_mask.bool()  # [b, n]
-        return emb.float() * mask[..., None], mask  # [b, n, d], [b, n]
+        emb = emb.float() * mask[..., None]  # [b, n, d]
+        # encode the longest caption's n tokens, return max_length as the cache does: one shape for the U-Net
+        pad = self.max_length - mask.shape[1]
+        return F.pad(emb, (0, 0, 0, pad)), F.pad(mask, (0, pad))  # [b, max_length, d], [b, max_length]
 
     def _warn_once_if_truncated(self, captions):
         """Warn the first time a caption has more than max_length tokens."""

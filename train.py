@@ -26,6 +26,8 @@ from sample import save_grid
 SAMPLE_PROMPTS = data.shapes_captions(8, seed=1234)
 DEFAULT_MINUTES = "13,5"  # the default cascade's budget: 20 minutes in all on a 2-core CPU, with start-up and samples
 MAX_BAD_STEPS = 10  # consecutive non-finite losses before training stops
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile modes
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # these replay CUDA graphs on a GPU
 
 
 def parse_args(argv=None):
@@ -50,7 +52,8 @@ def parse_args(argv=None):
     a("--ema-decay", type=float, default=0.995, help="EMA decay, warmed up as min(decay, (1+n)/(10+n))")
     a("--precision", default="fp32", help="autocast precision per U-Net: fp32, bf16 or fp16 (comma list or one value)")
     a("--channels-last", default="1", help="channels_last memory format per U-Net: 1 or 0 (comma list or one value)")
-    a("--compile", action="store_true", help="torch.compile each stage")
+    a("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
+      help="torch.compile each stage, in this mode (reduce-overhead: CUDA graphs, for small U-Nets on a GPU)")
     a("--target", default="v", help="prediction target per U-Net: eps, x0 or v (comma list or one value)")
     a("--schedule", default="cosine", help="noise schedule per U-Net: " + ", ".join(registry.SCHEDULES.names()))
     a("--timesteps", default="1000", help="diffusion steps T per U-Net")
@@ -173,7 +176,7 @@ class Trainer:
         self.step, self.position, self.elapsed, self.skipped, self.bad_steps = 0, 0, 0.0, 0, 0
         self.path = imagen.checkpoint_path(args.out, k)
         model = DistributedDataParallel(self.stage) if world > 1 else self.stage
-        self.model = torch.compile(model) if args.compile else model
+        self.model = torch.compile(model, mode=args.compile) if args.compile else model
         self.autocast = dict(device_type=device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16,
                              enabled=self.precision != "fp32")
 
@@ -339,6 +342,9 @@ def prepare(args):
     if set(layouts) - {0, 1}:
         raise ValueError(f"--channels-last {args.channels_last!r}: give 1 (channels_last) or 0 per U-Net")
     args.precisions, args.channels_lasts = precisions, [bool(v) for v in layouts]
+    if args.compile in CUDA_GRAPH_MODES and args.grad_accum > 1:  # measured on an H200: the graphs raise
+        raise ValueError(f"--compile {args.compile} needs --grad-accum 1 (got {args.grad_accum}): a CUDA graph's "
+                         "replay overwrites the gradients that the last micro-step left; use --compile default")
     return config, encoder
 
 

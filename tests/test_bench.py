@@ -71,3 +71,14 @@ def test_bench_writes_every_section(tmp_path):
     two_pass = next(r for r in results["sample"] if r["role"] == "two-pass")
     assert two_pass["max_abs_diff_vs_batched"] < 1e-2  # two passes compute what one batched pass does
     assert len(results["targets"]) == 5 and all(r["measured"] is not None for r in results["targets"])
+
+
+def test_minilm_rows_are_judged_against_cached_rows_of_the_same_settings():
+    def row(compiled, source, images_per_s):
+        return dict(stage="unet0 BaseTest", precision="fp32", channels_last=True, compile=compiled, text=source,
+                    images_per_s=images_per_s)
+    train = [row(False, "cached", 100.0), row("reduce-overhead", "cached", 300.0),
+             row(False, "encoded", 80.0), row("reduce-overhead", "encoded", 150.0)]
+    targets = bench.target_rows({"train": train})
+    assert [(t["measured"], t["met"]) for t in targets] == [(1.25, False), (2.0, True)]
+    assert "compile reduce-overhead" in targets[1]["target"] and "compile" not in targets[0]["target"]

@@ -130,6 +130,8 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path, cache_dir):
     ("train.py", ["--encoder", "no-such-encoder"], "no-such-encoder"),
     ("train.py", ["--precision", "fp8"], "fp8"),
     ("train.py", ["--channels-last", "2"], "--channels-last"),
+    ("train.py", ["--compile", "fastest"], "fastest"),
+    ("train.py", ["--compile", "reduce-overhead", "--grad-accum", "2"], "--grad-accum"),
     ("sample.py", ["--ckpt", "/does/not/exist", "--prompt", "x"], "/does/not/exist"),
     ("sample.py", ["--prompt", "x"], "--ckpt"),
 ])
