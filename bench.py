@@ -221,6 +221,17 @@ def sample_row(cascade, stop_at, cache, args, prompts, guidance, **options):
                         **score(images, prompts))
 
 
+def paired_standard_error(images_a, images_b, prompts):
+    """Per judge key: the standard error of the mean per-prompt difference of verdicts, a minus b (the noise of a
+    score difference measured on these prompts)."""
+    verdicts = [[data.judge(img, prompt) for img, prompt in zip(images, prompts)] for images in (images_a, images_b)]
+    result = {}
+    for key in ("color", "shape", "position"):
+        diffs = torch.tensor([float(a[key]) - float(b[key]) for a, b in zip(*verdicts) if b[key] is not None])
+        result[key] = round(float(diffs.std() / len(diffs) ** 0.5), 4) if len(diffs) > 1 else None
+    return result
+
+
 def bench_sample(args):
     """Rows, each with a role: every sampler on --n-eval prompts; the default vs two-pass guidance vs the all-T
     reference on --ref-eval-n; and batched vs two-pass guidance on the base stage alone (the guided one), at
@@ -244,8 +255,9 @@ def bench_sample(args):
     two_pass, row_two_pass = run("two-pass", args.ref_eval_n, "two-pass")
     row_two_pass["max_abs_diff_vs_batched"] = float((two_pass - batched).abs().max())  # same computation, one pass
     all_t = ",".join(str(stage.diffusion.num_timesteps) for stage in cascade.stages)
-    rows += [row_batched, row_two_pass, run("reference", args.ref_eval_n, "two-pass", sampler="ddpm",
-                                            sampler_steps=all_t)[1]]
+    reference, row_reference = run("reference", args.ref_eval_n, "two-pass", sampler="ddpm", sampler_steps=all_t)
+    row_reference["se_of_default_minus_this"] = paired_standard_error(batched, reference, prompts[:args.ref_eval_n])
+    rows += [row_batched, row_two_pass, row_reference]
     for batch, n in ((args.sample_batch_size, args.ref_eval_n), (1, args.single_n)):  # sample.py --prompt P: batch 1
         rows += [run(f"base {guidance}", n, guidance, stages=1, batch_size=batch)[1]
                  for guidance in ("batched", "two-pass")]
@@ -310,8 +322,10 @@ def target_rows(results):
         default, reference = role("default"), role("reference")
         name = f"{default['sampler']} {default['steps']} steps vs all-T two-pass ddpm"
         rows.append(target(f"{name}: speedup", reference["s_per_image"] / default["s_per_image"], 20))
-        rows.append(target(f"{name}: worst eval score change", min(
-            default[k] - reference[k] for k in ("color", "shape", "position") if reference[k] is not None), -0.03, ""))
+        change, key = min((default[k] - reference[k], k) for k in ("color", "shape", "position")
+                          if reference[k] is not None)
+        rows.append(dict(target(f"{name}: worst eval score change ({key})", change, -0.03, ""),
+                         standard_error=reference["se_of_default_minus_this"][key]))
         for batch in (default["batch"], 1):
             rows.append(target(f"batched vs two-pass guidance, guided base stage, batch {batch}",
                                role("base two-pass", batch)["s_per_image"] / role("base batched", batch)["s_per_image"],

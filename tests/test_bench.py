@@ -71,6 +71,15 @@ def test_bench_writes_every_section(tmp_path):
     two_pass = next(r for r in results["sample"] if r["role"] == "two-pass")
     assert two_pass["max_abs_diff_vs_batched"] < 1e-2  # two passes compute what one batched pass does
     assert len(results["targets"]) == 5 and all(r["measured"] is not None for r in results["targets"])
+    worst = next(r for r in results["targets"] if "worst eval score change" in r["target"])
+    assert worst["standard_error"] is None or worst["standard_error"] >= 0
+
+
+def test_paired_standard_error_of_verdict_differences(monkeypatch):
+    monkeypatch.setattr(bench.data, "judge", lambda img, prompt: dict(color=bool(img > 0), shape=True, position=None))
+    a, b = torch.tensor([1.0, 1.0, -1.0, -1.0]), torch.tensor([-1.0, 1.0, -1.0, -1.0])  # colour differs on prompt 0
+    se = bench.paired_standard_error(a, b, ["p"] * 4)
+    assert se == dict(color=0.25, shape=0.0, position=None)  # diffs [1, 0, 0, 0]: std 0.5 / sqrt(4)
 
 
 def test_minilm_rows_are_judged_against_cached_rows_of_the_same_settings():
