@@ -126,8 +126,8 @@ def train_case(case):
     elapsed, mib = with_peak_mib(warm_up_then_time, trainer.device)
     stage = config["stages"][k]
     return dict(stage=f"unet{k} {stage['unet']}", size=stage["size"], batch=args.batch_size,
-                precision=trainer.precision, channels_last=trainer.channels_last, compile=compiled or False, text=text_source,
-                images_per_s=round(args.steps * args.batch_size / elapsed, 2), peak_mib=round(mib, 1))
+                precision=trainer.precision, channels_last=trainer.channels_last, compile=compiled or False,
+                text=text_source, images_per_s=round(args.steps * args.batch_size / elapsed, 2), peak_mib=round(mib, 1))
 
 
 def profile_case(case):
