@@ -27,7 +27,7 @@ import registry
 import sample
 import text
 import train
-from eval import EVAL_SEED, score
+from eval import EVAL_SEED, JUDGE_KEYS, score
 
 WARMUP = 2  # untimed steps first: allocator warm-up, and torch.compile's compilation
 TEXT_BATCH, TEXT_LEN = 64, 32  # captions per encoder call, tokens per caption in the text section
@@ -226,7 +226,7 @@ def paired_standard_error(images_a, images_b, prompts):
     score difference measured on these prompts)."""
     verdicts = [[data.judge(img, prompt) for img, prompt in zip(images, prompts)] for images in (images_a, images_b)]
     result = {}
-    for key in ("color", "shape", "position"):
+    for key in JUDGE_KEYS:
         diffs = torch.tensor([float(a[key]) - float(b[key]) for a, b in zip(*verdicts) if b[key] is not None])
         result[key] = round(float(diffs.std() / len(diffs) ** 0.5), 4) if len(diffs) > 1 else None
     return result
@@ -322,7 +322,7 @@ def target_rows(results):
         default, reference = role("default"), role("reference")
         name = f"{default['sampler']} {default['steps']} steps vs all-T two-pass ddpm"
         rows.append(target(f"{name}: speedup", reference["s_per_image"] / default["s_per_image"], 20))
-        change, key = min((default[k] - reference[k], k) for k in ("color", "shape", "position")
+        change, key = min((default[k] - reference[k], k) for k in JUDGE_KEYS
                           if reference[k] is not None)
         rows.append(dict(target(f"{name}: worst eval score change ({key})", change, -0.03, ""),
                          standard_error=reference["se_of_default_minus_this"][key]))

@@ -13,13 +13,14 @@ import data
 from sample import add_sampling_args, generate, load_for_sampling, save_grid
 
 EVAL_SEED = 20_251_125  # prompts for evaluation; training draws from the dataset's own per-index seeds
+JUDGE_KEYS = ("color", "shape", "position")  # the verdicts of data.judge
 
 
 def score(images, prompts):
     """Mean of each judge verdict over the images that have one (position is None without a position word)."""
     verdicts = [data.judge(img, prompt) for img, prompt in zip(images, prompts)]
     result = {}
-    for key in ("color", "shape", "position"):
+    for key in JUDGE_KEYS:
         votes = [v[key] for v in verdicts if v[key] is not None]
         result[key] = round(sum(votes) / len(votes), 4) if votes else None
     return result
