@@ -322,8 +322,7 @@ def target_rows(results):
         default, reference = role("default"), role("reference")
         name = f"{default['sampler']} {default['steps']} steps vs all-T two-pass ddpm"
         rows.append(target(f"{name}: speedup", reference["s_per_image"] / default["s_per_image"], 20))
-        change, key = min((default[k] - reference[k], k) for k in JUDGE_KEYS
-                          if reference[k] is not None)
+        change, key = min((default[k] - reference[k], k) for k in JUDGE_KEYS if reference[k] is not None)
         rows.append(dict(target(f"{name}: worst eval score change ({key})", change, -0.03, ""),
                          standard_error=reference["se_of_default_minus_this"][key]))
         for batch in (default["batch"], 1):
