@@ -24,8 +24,10 @@ STAGE_DEFAULTS = dict(
 )
 # Sampling defaults, overridable on every command line; per-stage lists where stages differ.
 SAMPLING_DEFAULTS = dict(
+    # ancestral ddpm over 20 respaced steps: on 2 x 1,536 eval prompts it matched dpmpp-2m on colour and position and
+    # beat it by 0.015 on shape (README, Benchmarks)
     # static thresholding: on white-background data, dynamic thresholding's division by s greys the background
-    sampler="dpmpp-2m", steps=20, cond_scale=3.0, lowres_noise=0.2, threshold="static", threshold_p=0.995,
+    sampler="ddpm", steps=20, cond_scale=3.0, lowres_noise=0.2, threshold="static", threshold_p=0.995,
 )
 
 

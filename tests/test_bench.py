@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import bench
+import imagen
 import registry
 from unet import Unet
 
@@ -62,10 +63,11 @@ def test_bench_writes_every_section(tmp_path):
     assert 0 < sum(r["share"] for r in ops) <= 1.001 and any("conv" in r["op"] for r in ops)
     rows = [(r["role"], r["stages"], r["sampler"], r["steps"], r["guidance"], r["n"], r["batch"])
             for r in results["sample"]]
+    default = imagen.SAMPLING_DEFAULTS["sampler"]
     assert rows == [("sampler", 2, name, "2,2", "batched", 4, 2) for name in registry.SAMPLERS.names()] + [
-        ("default", 2, "dpmpp-2m", "2,2", "batched", 6, 2), ("two-pass", 2, "dpmpp-2m", "2,2", "two-pass", 6, 2),
+        ("default", 2, default, "2,2", "batched", 6, 2), ("two-pass", 2, default, "2,2", "two-pass", 6, 2),
         ("reference", 2, "ddpm", "20,20", "two-pass", 6, 2)] + [
-        (f"base {guidance}", 1, "dpmpp-2m", "2,2", guidance, 6 if batch == 2 else 2, batch)
+        (f"base {guidance}", 1, default, "2,2", guidance, 6 if batch == 2 else 2, batch)
         for batch in (2, 1) for guidance in ("batched", "two-pass")]
     assert all(r["s_per_image"] > 0 and 0 <= r["color"] <= 1 for r in results["sample"])
     two_pass = next(r for r in results["sample"] if r["role"] == "two-pass")
