@@ -19,7 +19,8 @@ def add_sampling_args(p):
     """Flags shared by sample.py and eval.py; unset ones fall back to the checkpoint's stored defaults."""
     a = p.add_argument
     a("--ckpt", required=True, help="training --out folder, or one unetK.pt file in it")
-    a("--sampler", default=None, help="sampler: " + ", ".join(registry.SAMPLERS.names()) + f" (default: {imagen.SAMPLING_DEFAULTS['sampler']})")
+    a("--sampler", default=None,
+      help=f"sampler: {', '.join(registry.SAMPLERS.names())} (default: {imagen.SAMPLING_DEFAULTS['sampler']})")
     a("--steps", default=None, help="sampler steps, one value or a comma list per U-Net")
     a("--cond-scale", default=None, help="classifier-free guidance scale, one value or a comma list per U-Net")
     a("--lowres-noise", type=float, default=None, help="noise level (fraction of T) added to low-res conditions")

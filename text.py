@@ -149,7 +149,7 @@ class EmbeddingCache:
         self._encoder = self._encoder or load_encoder(self.spec, self.max_length, self.device)
         rows = []
         for start in range(0, len(captions), batch_size):
-            emb, mask = self._encoder(captions[start:start + batch_size])  # [b, n, d], [b, n]
+            emb, mask = self._encoder(captions[start:start + batch_size])  # [b, max_length, d], [b, max_length]
             rows += [e[m] for e, m in zip(emb.half().cpu(), mask.cpu())]  # each [length, d]
         lengths = [len(row) for row in rows]
         index = {c: [int(o), n] for c, o, n in zip(captions, np.cumsum([0] + lengths[:-1]), lengths)}
