@@ -5,12 +5,15 @@ Shapes captions follow a fixed grammar (other tools rely on it):
   one object:  a [small |large ]COLOR SHAPE[ on the left| on the right| at the top| at the bottom]
   two objects: a COLOR SHAPE (to the left of|to the right of|above|below) a COLOR SHAPE   (two different colours)
 """
+import contextlib
 import csv
 import io
 import json
+import os
 import re
+import struct
 import tarfile
-from itertools import chain
+import uuid
 from pathlib import Path
 from typing import NamedTuple
 
@@ -18,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import Dataset
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 200, 20),
           "purple": (140, 60, 180), "orange": (245, 140, 30)}
@@ -204,6 +207,10 @@ class Shapes(Dataset):
         scene, caption = sample_scene(np.random.default_rng((self.seed, index)))
         return torch.from_numpy(render(scene, self.size)).permute(2, 0, 1).contiguous(), caption  # [3, s, s]
 
+    def captions(self):
+        """Every caption the grammar can produce (what the text cache precomputes)."""
+        return all_shapes_captions()
+
 
 def _as_pixels(image):
     """uint8 numpy HWC, PIL image or tensor [3, h, w] (float in [0, 1] or uint8) -> float numpy [64, 64, 3], 0..255."""
@@ -289,35 +296,48 @@ def judge(image, caption):
 
 
 def load_image(source, size):
-    """A path or file object -> RGB uint8 tensor [3, size, size] (resized, centre-cropped); None if unreadable."""
+    """A path or file object -> RGB uint8 tensor [3, size, size] (upright, resized, centre-cropped); None if unreadable."""
     try:
         with Image.open(source) as img:
             img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale that still covers size
+            img = ImageOps.exif_transpose(img)  # phone photos: apply the EXIF orientation
             if img.has_transparency_data:
                 img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
             img = ImageOps.fit(img.convert("RGB"), (size, size), Image.Resampling.BICUBIC)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return None
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error, Image.DecompressionBombError):
+        return None  # PIL raises all of these on broken files
     return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()  # [3, s, s]
 
 
-def _item(source, caption, size, hflip):
+def _item(source, caption, size):
     """(image, caption), or None when the caption is missing or empty or the image unreadable."""
     image = load_image(source, size) if caption and source is not None else None
-    if image is None:
-        return None
-    return (image.flip(-1) if hflip and torch.rand(()) < 0.5 else image), caption
+    return None if image is None else (image, caption)
+
+
+def _jsonl_rows(path):
+    """The objects of a JSON-lines file; a malformed line raises ValueError naming the file and line number."""
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            rows += [json.loads(line)] if line.strip() else []
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {number}: not valid JSON ({e.msg}); expected one "
+                             '{"file": ..., "caption": ...} object per line') from None
+    return rows
 
 
 def _manifest_rows(root):
     """(file, caption) rows of root/captions.jsonl or root/captions.csv; None when there is no manifest."""
-    if (root / "captions.jsonl").is_file():
-        lines = (root / "captions.jsonl").read_text().splitlines()
-        rows = [json.loads(line) for line in lines if line.strip()]
-    elif (root / "captions.csv").is_file():
-        rows = list(csv.DictReader(io.StringIO((root / "captions.csv").read_text())))
+    if (path := root / "captions.jsonl").is_file():
+        rows = _jsonl_rows(path)
+    elif (path := root / "captions.csv").is_file():
+        rows = list(csv.DictReader(io.StringIO(path.read_text())))
     else:
         return None
+    columns = sorted({column for row in rows for column in row})
+    if rows and not {"file", "caption"} <= set(columns):
+        raise ValueError(f"manifest {path} has columns {columns}; it needs 'file' and 'caption'")
     return [(row.get("file"), row.get("caption")) for row in rows]
 
 
@@ -329,25 +349,37 @@ def _paired_rows(root):
             for p, t in zip(images, texts)]
 
 
+def _check_captioned(name, captions):
+    """ValueError when a dataset has no sample or no sample with a caption (training would wait forever)."""
+    if not captions:
+        raise ValueError(f"{name} is empty: expected name.jpg|png|webp + name.txt pairs, a captions.jsonl / "
+                         f"captions.csv manifest with file and caption, or .tar shards of such pairs")
+    if not any(captions):
+        raise ValueError(f"{name} has {len(captions)} images but no captions: expected name.txt beside each image "
+                         f"(or key.txt / key.json with a 'caption' in shards), or a manifest with file and caption")
+
+
 class ImageFolder(Dataset):
     """Image-caption pairs: DIR/name.jpg|png|webp + name.txt, or a captions.jsonl / captions.csv (file, caption)."""
 
-    def __init__(self, root, size, hflip=False):
-        self.root, self.size, self.hflip = Path(root), size, hflip  # hflip is off by default: it breaks left/right
+    def __init__(self, root, size):
+        self.root, self.size = Path(root), size
         if not self.root.is_dir():
             raise ValueError(f"image folder {str(root)!r} does not exist")
         rows = _manifest_rows(self.root)
         self.rows = [(f, (c or "").strip()) for f, c in (_paired_rows(self.root) if rows is None else rows)]
-        if not self.rows:
-            raise ValueError(f"image folder {str(root)!r} is empty: expected name.jpg|png|webp + name.txt pairs "
-                             f"or a captions.jsonl / captions.csv manifest with file and caption")
+        _check_captioned(f"image folder {str(root)!r}", self.captions())
 
     def __len__(self):
         return len(self.rows)
 
     def __getitem__(self, index):
         file, caption = self.rows[index]
-        return _item(None if file is None else self.root / file, caption, self.size, self.hflip)
+        return _item(None if file is None else self.root / file, caption, self.size)
+
+    def captions(self):
+        """Every sample's caption ('' where it has none), in index order."""
+        return [caption for _, caption in self.rows]
 
 
 def _expand_braces(pattern):
@@ -369,55 +401,123 @@ def _shard_paths(spec):
     return paths
 
 
-def _tar_samples(path):
-    """{extension: bytes} per key of a tar shard, in order (streamed); a final None if the shard is corrupt."""
-    key, sample = None, {}
+def _caption_of(payloads):
+    """A sample's caption from key.txt, else from the 'caption' of key.json (img2dataset writes both); '' if none."""
+    if "txt" in payloads:
+        return payloads["txt"].decode("utf-8", "replace").strip()
     try:
-        with tarfile.open(path, mode="r|*") as tar:
+        meta = json.loads(payloads.get("json", b"{}"))
+    except ValueError:
+        return ""
+    return str(meta.get("caption") or "").strip() if isinstance(meta, dict) else ""
+
+
+def _scan_shard(path):
+    """(samples [[image extension, data offset, size, caption]], truncated) of one uncompressed tar shard.
+
+    Reads the tar headers (seeking over image data) and the small caption members. Members that share a key
+    (the basename up to its first dot, as in webdataset) form one sample. A truncated shard keeps the samples
+    whose image lies wholly inside the file.
+    """
+    end = path.stat().st_size
+    members = {}  # (folder, key) -> {extension: (offset, size) or caption bytes}
+    with tarfile.open(path, "r:") as tar, open(path, "rb") as raw:
+        try:
             for member in tar:
                 folder, _, base = member.name.rpartition("/")
-                stem, _, extension = base.partition(".")  # webdataset: the key ends at the basename's first dot
-                if not member.isfile():
-                    continue
-                if (folder, stem) != key and sample:
-                    yield sample
-                    sample = {}
-                key = (folder, stem)
-                sample[extension.lower()] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError):
-        yield None
-        return
-    if sample:
-        yield sample
+                key, _, extension = base.partition(".")
+                if member.isfile() and member.offset_data + member.size <= end:
+                    members.setdefault((folder, key), {})[extension.lower()] = _payload(raw, member)
+        except tarfile.ReadError:  # a corrupt header after the first: keep what came before
+            return _samples(members), True
+        raw.seek(tar.offset)
+        truncated = tar.offset > end or raw.read().strip(b"\0") != b""  # no clean end of archive
+    return _samples(members), truncated
 
 
-class Shards(IterableDataset):
-    """Streams webdataset shards (img2dataset: key.jpg + key.txt per sample), split by DDP rank and loader worker.
+def _payload(raw, member):
+    """A member's caption bytes (txt, json), or its (offset, size) in the shard (images and everything else)."""
+    if member.name.lower().endswith((".txt", ".json")):
+        raw.seek(member.offset_data)
+        return raw.read(member.size)
+    return member.offset_data, member.size
 
-    With at least as many shards as (ranks x workers), each reader takes every n-th shard; with fewer, every reader
-    streams all shards and keeps every n-th sample (disjoint and complete either way).
+
+def _samples(members):
+    """[image extension | None, offset, size, caption] per sample from {key: {extension: payload}}."""
+    return [[*next(((e, *payloads[e]) for e in IMAGE_EXTENSIONS if e in payloads), (None, 0, 0)),
+             _caption_of(payloads)] for payloads in members.values()]
+
+
+def _shard_index(path):
+    """The shard's sample index, read from PATH.idx.json beside it when that matches the shard, else built (and
+    stored there when the folder is writable): one scan per shard, ever."""
+    stat, index_path = path.stat(), path.with_name(path.name + ".idx.json")
+    stamp = [stat.st_size, stat.st_mtime_ns]
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # missing, stale or damaged: rebuild
+        index = json.loads(index_path.read_text())
+        if index["stamp"] == stamp:
+            return index
+    try:
+        samples, truncated = _scan_shard(path)
+    except tarfile.TarError:  # not a tar file at all, or broken from its first header
+        samples, truncated = [], True
+    index = dict(stamp=stamp, samples=samples, truncated=truncated)
+    with contextlib.suppress(OSError):
+        write_atomically(index_path, lambda f: f.write(json.dumps(index).encode()))
+    return index
+
+
+class Shards(Dataset):
+    """img2dataset / webdataset tar shards read in place: key.jpg|png|webp + key.txt (or key.json's 'caption').
+
+    Each shard is indexed once (offsets of its images, its captions; see `_shard_index`), so the shards are a
+    map-style dataset: the training sampler shuffles samples across shards every epoch, splits them evenly over
+    DDP ranks and resumes at the exact next sample, for any number of ranks and loader workers.
     """
 
-    def __init__(self, pattern_or_dir, size, rank=0, world_size=1, hflip=False):
+    def __init__(self, pattern_or_dir, size):
+        self.size, self.paths = size, _shard_paths(pattern_or_dir)
+        indexes = [_shard_index(path) for path in self.paths]
+        self.truncated = [str(path) for path, index in zip(self.paths, indexes) if index["truncated"]]
+        rows = [(shard, *sample) for shard, index in enumerate(indexes) for sample in index["samples"]]
+        self.shard, self.extension, self.offset, self.length, self._captions = zip(*rows) if rows else ((),) * 5
+        _check_captioned(f"shards {str(pattern_or_dir)!r}", self._captions)
+
+    def __len__(self):
+        return len(self._captions)
+
+    def __getitem__(self, index):
+        image = None
+        if self.extension[index] is not None:
+            with open(self.paths[self.shard[index]], "rb") as f:  # one file open at a time, whatever the shard count
+                f.seek(self.offset[index])
+                image = io.BytesIO(f.read(self.length[index]))
+        return _item(image, self._captions[index], self.size)
+
+    def captions(self):
+        """Every sample's caption ('' where it has none), in index order."""
+        return list(self._captions)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Endless dataset indices for one DDP rank from global sample `start`: epoch e is a permutation seeded by
+    (seed, e) when shuffling, and rank r takes global samples r, r + world, ... So every rank gets the same number
+    of samples per step, and a resumed run reads exactly the samples it would have read."""
+
+    def __init__(self, n, seed, start=0, rank=0, world_size=1, shuffle=True):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..world_size-1 = 0..{world_size - 1}")
-        self.paths, self.size, self.rank, self.world_size = _shard_paths(pattern_or_dir), size, rank, world_size
-        self.hflip = hflip  # off by default: flips break left/right captions
+        self.n, self.seed, self.start, self.rank, self.world, self.shuffle = n, seed, start, rank, world_size, shuffle
 
     def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        readers, reader = self.world_size * workers, self.rank * workers + worker
-        by_shard = len(self.paths) >= readers
-        shards, stride, offset = (self.paths[reader::readers], 1, 0) if by_shard else (self.paths, readers, reader)
-        for i, sample in enumerate(chain.from_iterable(map(_tar_samples, shards))):
-            if i % stride == offset:
-                yield None if sample is None else self._decode(sample)
-
-    def _decode(self, sample):
-        """{extension: bytes} -> (image, caption), or None if the image or caption is missing or unreadable."""
-        image = next((io.BytesIO(sample[e]) for e in IMAGE_EXTENSIONS if e in sample), None)
-        return _item(image, sample.get("txt", b"").decode("utf-8", "replace").strip(), self.size, self.hflip)
+        g, epoch, perm = self.start + self.rank, None, None
+        while True:
+            e, i = divmod(g, self.n)
+            if self.shuffle and e != epoch:
+                epoch, perm = e, torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + e))
+            yield int(perm[i]) if self.shuffle else i
+            g += self.world
 
 
 def collate(batch):
@@ -427,18 +527,38 @@ def collate(batch):
     return images, [caption for _, caption in kept], len(batch) - len(kept)
 
 
-def make_dataset(spec, size, seed=0, rank=0, world_size=1, hflip=False):
+def make_dataset(spec, size, seed=0):
     """'shapes' -> Shapes; a shard pattern or a directory with .tar files -> Shards; other directory -> ImageFolder."""
     spec = str(spec)
     if spec.lower() == "shapes":
         return Shapes(size, seed)
     path = Path(spec)
     if "{" in spec or path.suffix == ".tar" or (path.is_dir() and any(path.glob("*.tar"))):
-        return Shards(spec, size, rank, world_size, hflip)
+        return Shards(spec, size)
     if path.is_dir():
-        return ImageFolder(spec, size, hflip)
+        return ImageFolder(spec, size)
     raise ValueError(f"dataset {spec!r} does not exist; choose 'shapes', an image-caption folder, "
                      f"a directory of .tar shards or a shard pattern like DIR/{{00000..00099}}.tar")
+
+
+def write_atomically(path, write):
+    """Write a file under a temporary name, fsync it, rename it and fsync the folder: readers (and a reboot) see
+    all of it or the previous version. The temporary file is removed if writing fails."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def add_sampling_args(p):
     a("--seed", type=int, default=0)
     a("--batch-size", type=int, default=64, help="images sampled at once")
     a("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    a("--cache-dir", default=os.path.expanduser("~/.cache/nanoimagen/text"), help="text-embedding cache folder")
+    a("--cache-dir", default=text.DEFAULT_CACHE_DIR, help="text-embedding cache folder")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 

@@ -5,11 +5,14 @@ Hugging Face id or a local folder and dim is its embedding width (None: read fro
 transformers is imported inside the functions that need it, so `import text` stays cheap.
 """
 import argparse
+import contextlib
+import functools
 import hashlib
 import importlib
 import json
 import os
 import re
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -17,9 +20,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import write_atomically
 
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
-SHARD_CAPTIONS = 4096  # captions per cache shard written by `precompute`
+DEFAULT_CACHE_DIR = os.path.expanduser("~/.cache/nanoimagen/text")
+SHARD_CAPTIONS = 16384  # captions per cache shard written by `precompute`: a 50,000-caption dataset is 4 files
+MAX_OPEN_SHARDS = 8  # shards memory-mapped at once (each mapping holds a file descriptor)
+STALE_SECONDS = 3600  # a temporary file untouched this long was left by a killed writer
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve(name, entries):
@@ -73,36 +83,56 @@ class TextEncoder:
             self._warned_truncation = True
 
 
-def load_encoder(spec, max_length=32, device="cpu"):
-    """Load a spec's tokenizer and encoder (T5 -> T5EncoderModel, others -> their AutoModel), frozen, on device."""
+def load_encoder(spec, max_length=32, device="cpu", dtype="fp32"):
+    """Load a spec's tokenizer and encoder (T5 -> T5EncoderModel, others -> their AutoModel), frozen, on device,
+    in dtype (fp32, bf16 or fp16: halves a T5's memory on a GPU; T5 v1.1 overflows in fp16, use bf16)."""
     from transformers import AutoModelForTextEncoding, AutoTokenizer
-    model = AutoModelForTextEncoding.from_pretrained(spec["source"]).to(device).eval().requires_grad_(False)
-    return TextEncoder(spec["name"], AutoTokenizer.from_pretrained(spec["source"]), model, max_length)
+    model = AutoModelForTextEncoding.from_pretrained(spec["source"], dtype=DTYPES[dtype])
+    return TextEncoder(spec["name"], AutoTokenizer.from_pretrained(spec["source"]),
+                       model.to(device).eval().requires_grad_(False), max_length)
 
 
-def _write_atomically(path, write):
-    """Write a file under a temporary name, then rename it: readers see all of it or nothing."""
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+def _content_digest(folder):
+    """A digest of a model folder's contents: every file's name and size, its first and last MiB (configs and
+    tokenizers whole; weights by their ends, so that a multi-GB folder is keyed in milliseconds)."""
+    digest = hashlib.sha1()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        size = path.stat().st_size
+        digest.update(f"{path.relative_to(folder)}:{size}:".encode())
+        with open(path, "rb") as f:
+            digest.update(f.read(1 << 20))
+            f.seek(max(size - (1 << 20), 0))
+            digest.update(f.read())
+    return digest.hexdigest()
+
+
+def cache_folder_name(spec, max_length, dtype="fp32"):
+    """The cache folder of an encoder: a registered or hub encoder is named by its name, a local folder by its
+    contents (a moved or copied folder keeps its cache; a retrained one gets a new cache)."""
+    local = os.path.isdir(spec["name"])
+    label = "folder" if local else re.sub(r"[^\w.-]+", "-", spec["name"]).strip("-")[-40:]
+    digest = hashlib.sha1((_content_digest(spec["source"]) if local else spec["name"]).encode()).hexdigest()[:8]
+    return f"{label}-{digest}-len{max_length}" + ("" if dtype == "fp32" else f"-{dtype}")
 
 
 class EmbeddingCache:
-    """Caption embeddings on disk, one folder per (encoder, max_length), safe for concurrent processes.
+    """Caption embeddings on disk, one folder per (encoder, max_length, dtype), safe for concurrent processes.
 
     Each shard is `<stem>.npy` (fp16 rows [tokens, d]: every caption's real tokens, concatenated) and
-    `<stem>.json` (caption -> [offset, length]), written in that order, each atomically, under a unique stem:
-    readers take only shards whose index exists, writers never touch another's files. Shards are memory-mapped.
+    `<stem>.json` (caption -> [offset, length]), each written atomically and fsynced, the index last, under a
+    unique stem: readers take only shards whose index exists, writers never touch another's files. `precompute`
+    writes SHARD_CAPTIONS captions a shard, so a dataset's cache is a few large files; at most MAX_OPEN_SHARDS of
+    them are memory-mapped (each holds a file descriptor) at any time, whatever the dataset's size.
     """
 
-    def __init__(self, root, spec, max_length, device="cpu"):
-        name = re.sub(r"[^\w.-]+", "-", spec["name"]).strip("-")[-40:]
-        digest = hashlib.sha1(spec["name"].encode()).hexdigest()[:8]  # keeps folder paths and ids distinct
-        self.dir = Path(root) / f"{name}-{digest}-len{max_length}"
+    def __init__(self, root, spec, max_length, device="cpu", dtype="fp32"):
+        self.dir = Path(root) / cache_folder_name(spec, max_length, dtype)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.spec, self.max_length, self.device, self.dim = spec, max_length, device, encoder_dim(spec)
-        self._encoder, self._shards, self._rows = None, set(), {}  # _rows: caption -> fp16 view [length, d]
+        self.spec, self.max_length, self.device, self.dtype = spec, max_length, device, dtype
+        self.dim = encoder_dim(spec)
+        self._encoder, self._shards, self._rows = None, set(), {}  # _rows: caption -> (stem, offset, length)
+        self._mapped = functools.lru_cache(MAX_OPEN_SHARDS)(self._map)
+        self._remove_stale_temp_files()
         self._scan()
 
     def __call__(self, captions):
@@ -113,16 +143,20 @@ class EmbeddingCache:
         emb = np.zeros((len(captions), self.max_length, self.dim), np.float32)
         mask = np.zeros((len(captions), self.max_length), bool)
         for i, caption in enumerate(captions):
-            row = self._rows[caption]  # [length, d]
-            emb[i, :len(row)], mask[i, :len(row)] = row, True
+            stem, offset, length = self._rows[caption]
+            emb[i, :length], mask[i, :length] = self._mapped(stem)[offset:offset + length], True  # [length, d]
         return torch.from_numpy(emb), torch.from_numpy(mask)
 
-    def precompute(self, captions, batch_size=256):
-        """Encode and store every caption not cached yet; returns how many were encoded."""
-        missing = self._missing(captions)
-        for start in range(0, len(missing), SHARD_CAPTIONS):
-            self._add(missing[start:start + SHARD_CAPTIONS], batch_size)
-        return len(missing)
+    def precompute(self, captions, batch_size=256, rank=0, world_size=1, progress=False):
+        """Encode and store the captions not cached yet, SHARD_CAPTIONS to a shard; with several processes each
+        takes every world_size-th shard (all must call it on the same cache state). Returns how many it encoded."""
+        missing = [c for c in dict.fromkeys(captions) if c not in self._rows]
+        mine = [missing[i:i + SHARD_CAPTIONS] for i in range(0, len(missing), SHARD_CAPTIONS)][rank::world_size]
+        with tqdm(total=sum(map(len, mine)), desc=f"encoding captions ({self.spec['name']})", unit="caption",
+                  disable=not progress or not mine) as bar:
+            for chunk in mine:
+                self._add(chunk, batch_size, bar)
+        return sum(map(len, mine))
 
     def _missing(self, captions):
         """Distinct captions in no shard, after re-scanning for other processes' shards if any looked missing."""
@@ -132,47 +166,82 @@ class EmbeddingCache:
         return [c for c in missing if c not in self._rows]
 
     def _scan(self):
-        """Map the captions of every complete shard not read yet."""
+        """Index the captions of every complete shard not read yet."""
         for index in self.dir.glob("*.json"):
             if index.stem not in self._shards:
                 self._read_shard(index.stem)
 
     def _read_shard(self, stem):
-        """Memory-map one shard and map its captions to their rows."""
-        data = np.load(self.dir / f"{stem}.npy", mmap_mode="r")  # [tokens, d] fp16
-        for caption, (offset, length) in json.loads((self.dir / f"{stem}.json").read_text()).items():
-            self._rows[caption] = data[offset:offset + length]
+        """Map one shard's captions to their rows; an unreadable shard is skipped (its captions get re-encoded)."""
+        try:
+            rows = np.load(self.dir / f"{stem}.npy", mmap_mode="r").shape[0]  # the mapping closes at once
+            index = json.loads((self.dir / f"{stem}.json").read_text())
+            if any(offset + length > rows for offset, length in index.values()):
+                raise ValueError(f"its index points past its {rows} rows")
+        except (OSError, ValueError) as e:
+            warnings.warn(f"text cache {self.dir}: skipping unreadable shard {stem} ({e})")
+            index = {}
+        for caption, (offset, length) in index.items():
+            self._rows[caption] = stem, offset, length
         self._shards.add(stem)
 
-    def _add(self, captions, batch_size):
+    def _map(self, stem):
+        """One shard's rows, memory-mapped: fp16 [tokens, d]."""
+        return np.load(self.dir / f"{stem}.npy", mmap_mode="r")
+
+    def _remove_stale_temp_files(self):
+        """Delete temporary files that writers killed mid-write left behind (untouched for STALE_SECONDS)."""
+        for tmp in self.dir.glob("*.tmp"):
+            with contextlib.suppress(OSError):
+                if time.time() - tmp.stat().st_mtime > STALE_SECONDS:
+                    tmp.unlink()
+
+    def _add(self, captions, batch_size, bar=None):
         """Encode captions (loading the encoder on first use) and write them as a new shard."""
-        self._encoder = self._encoder or load_encoder(self.spec, self.max_length, self.device)
+        self._encoder = self._encoder or load_encoder(self.spec, self.max_length, self.device, self.dtype)
+        captions = sorted(captions, key=len)  # similar lengths in a batch: less padding to encode
         rows = []
         for start in range(0, len(captions), batch_size):
             emb, mask = self._encoder(captions[start:start + batch_size])  # [b, max_length, d], [b, max_length]
             rows += [e[m] for e, m in zip(emb.half().cpu(), mask.cpu())]  # each [length, d]
+            if bar is not None:
+                bar.update(len(emb))
         lengths = [len(row) for row in rows]
         index = {c: [int(o), n] for c, o, n in zip(captions, np.cumsum([0] + lengths[:-1]), lengths)}
         stem = f"shard-{os.getpid()}-{uuid.uuid4().hex}"
-        _write_atomically(self.dir / f"{stem}.npy", lambda f: np.save(f, torch.cat(rows).numpy()))
-        _write_atomically(self.dir / f"{stem}.json", lambda f: f.write(json.dumps(index).encode()))
+        write_atomically(self.dir / f"{stem}.npy", lambda f: np.save(f, torch.cat(rows).numpy()))
+        write_atomically(self.dir / f"{stem}.json", lambda f: f.write(json.dumps(index).encode()))
         self._read_shard(stem)
 
 
 def main():
-    """CLI: precompute the embedding cache of a caption file (one caption per line) ahead of training."""
-    import registry  # only the CLI resolves short names; the module itself must not import registry
+    """CLI: precompute the embedding cache of a dataset's captions (or of a caption file) before training."""
+    import data  # only the CLI reads datasets and resolves short names; the module itself imports neither
+    import registry
+    import train
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--encoder", default="minilm", help="registered name, Hugging Face id or model folder")
-    parser.add_argument("--captions", required=True, help="text file, one caption per line")
-    parser.add_argument("--cache", required=True, help="cache root folder")
-    parser.add_argument("--max-length", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = parser.add_argument
+    a("--data", help="a dataset as train.py takes it: 'shapes', an image-caption folder or .tar shards")
+    a("--captions", help="a text file, one caption per line (instead of --data)")
+    a("--encoder", default="minilm", help="registered name, Hugging Face id or model folder")
+    a("--unets", default=train.DEFAULT_UNETS, help="the presets you will train: the cache uses their text length")
+    a("--max-length", type=int, default=None, help="text length in tokens (default: the longest of --unets)")
+    a("--cache-dir", default=DEFAULT_CACHE_DIR, help="cache root folder, as train.py's --cache-dir")
+    a("--batch-size", type=int, default=256)
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--encoder-dtype", default="fp32", choices=list(DTYPES), help="encoder weights' precision (bf16: GPU, T5)")
     args = parser.parse_args()
-    spec = resolve(args.encoder, registry.ENCODERS)
-    cache = EmbeddingCache(args.cache, spec, args.max_length, args.device)
-    encoded = cache.precompute(Path(args.captions).read_text().splitlines(), args.batch_size)
+    try:
+        if (args.data is None) == (args.captions is None):
+            raise ValueError("give exactly one of --data DATASET and --captions FILE")
+        spec = resolve(args.encoder, registry.ENCODERS)
+        max_length = args.max_length or max(registry.UNETS[name]["max_text_len"] for name in args.unets.split(","))
+        captions = (Path(args.captions).read_text().splitlines() if args.captions
+                    else data.make_dataset(args.data, 64).captions())
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}")
+    cache = EmbeddingCache(args.cache_dir, spec, max_length, args.device, args.encoder_dtype)
+    encoded = cache.precompute(captions, args.batch_size, progress=True)
     print(f"encoded {encoded} new captions into {cache.dir}")
 
 

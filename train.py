@@ -6,6 +6,7 @@ exactly. Multi-GPU: `torchrun --nproc_per_node=N train.py ...` (DDP, detected fr
 """
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -24,6 +25,8 @@ import text
 from sample import save_grid
 
 SAMPLE_PROMPTS = data.shapes_captions(8, seed=1234)
+DEFAULT_UNETS = "base-small,super-small"
+MAX_UNUSABLE = 1000  # consecutive unusable samples (unreadable image or no caption) before training stops
 DEFAULT_MINUTES = "13,5"  # the default cascade's budget: 20 minutes in all on a 2-core CPU, with start-up and samples
 MAX_BAD_STEPS = 10  # consecutive non-finite losses before training stops
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile modes
@@ -33,11 +36,11 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # these replay CUDA grap
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--unets", default="base-small,super-small", help="comma list of U-Net presets: " + ", ".join(registry.UNETS.names()))
+    a("--unets", default=DEFAULT_UNETS, help="comma list of U-Net presets: " + ", ".join(registry.UNETS.names()))
     a("--sizes", default="32,64", help="comma list of image sizes, one per U-Net, increasing")
     a("--data", default="shapes", help="'shapes' (built-in), an image+caption folder, or a folder of .tar shards")
-    a("--hflip", action="store_true", help="random horizontal flips of folder/shard images (off: flips break "
-      "'left'/'right' captions)")
+    a("--hflip", action="store_true", help="random horizontal flips of training images, seeded by the sample's "
+      "position (off by default: flips break 'left'/'right' captions)")
     a("--encoder", default="minilm", help="text encoder: " + ", ".join(registry.ENCODERS.names()) + ", a HF id or a folder")
     a("--steps", default="0", help="optimizer steps per U-Net (comma list or one value; 0 = no step limit)")
     a("--minutes", default=None, help="training minutes per U-Net (comma list or one value; 0 = no time limit); "
@@ -71,7 +74,9 @@ def parse_args(argv=None):
     a("--save-every", type=int, default=500, help="write a checkpoint every N steps (and at the end)")
     a("--log-every", type=int, default=10, help="append to log.jsonl every N steps")
     a("--workers", type=int, default=1, help="DataLoader worker processes")
-    a("--cache-dir", default=os.path.expanduser("~/.cache/nanoimagen/text"), help="text-embedding cache folder")
+    a("--cache-dir", default=text.DEFAULT_CACHE_DIR, help="text-embedding cache folder")
+    a("--encoder-dtype", default="fp32", choices=list(text.DTYPES), help="text encoder precision for the caption "
+      "precompute (bf16 halves a T5's memory on a GPU)")
     return p.parse_args(argv)
 
 
@@ -125,32 +130,11 @@ def setup_distributed():
     return rank, dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
 
 
-class IndexStream(torch.utils.data.Sampler):
-    """Endless dataset indices for one rank, starting at global sample `start`: seeded per-epoch shuffles, so
-    a resumed run reads exactly the samples it would have read."""
-
-    def __init__(self, n, seed, start, rank, world_size, shuffle):
-        self.n, self.seed, self.start, self.rank, self.world, self.shuffle = n, seed, start, rank, world_size, shuffle
-
-    def __iter__(self):
-        g, epoch, perm = self.start + self.rank, None, None
-        while True:
-            e, i = divmod(g, self.n)
-            if self.shuffle and e != epoch:
-                epoch, perm = e, torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + e))
-            yield int(perm[i]) if self.shuffle else i
-            g += self.world
-
-
-def make_loader(args, size, position, rank, world):
-    """DataLoader over the training data from global sample `position`, split by rank."""
-    ds = data.make_dataset(args.data, size, seed=args.seed, rank=rank, world_size=world, hflip=args.hflip)
-    kw = dict(batch_size=args.batch_size, num_workers=args.workers, collate_fn=data.collate,
-              persistent_workers=args.workers > 0)
-    if isinstance(ds, torch.utils.data.IterableDataset):  # shards stream; they resume at a shard boundary
-        return torch.utils.data.DataLoader(ds, **kw)
-    sampler = IndexStream(len(ds), args.seed, position, rank, world, shuffle=args.data != "shapes")
-    return torch.utils.data.DataLoader(ds, sampler=sampler, **kw)
+def make_loader(args, dataset, position, rank, world):
+    """DataLoader over the training data from global sample `position`, split by rank (data.EpochSampler)."""
+    sampler = data.EpochSampler(len(dataset), args.seed, position, rank, world, shuffle=args.data != "shapes")
+    return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.workers,
+                                       collate_fn=data.collate, persistent_workers=args.workers > 0)
 
 
 def ema_multi_avg(decay):
@@ -174,6 +158,7 @@ class Trainer:
         self.ema = AveragedModel(self.stage.unet, multi_avg_fn=ema_multi_avg(args.ema_decay), use_buffers=True)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.step, self.position, self.elapsed, self.skipped, self.bad_steps = 0, 0, 0.0, 0, 0
+        self.data_digest = ""  # a running sha1 of the captions trained on, in order (see `batches`)
         self.path = imagen.checkpoint_path(args.out, k)
         model = DistributedDataParallel(self.stage) if world > 1 else self.stage
         self.model = torch.compile(model, mode=args.compile) if args.compile else model
@@ -183,7 +168,8 @@ class Trainer:
     def state(self, config):
         return dict(config=config, unet=self.k, model=self.stage.unet.state_dict(), ema=self.ema.module.state_dict(),
                     ema_n=self.ema.n_averaged, optimizer=self.opt.state_dict(), scaler=self.scaler.state_dict(),
-                    step=self.step, position=self.position, elapsed=self.elapsed, skipped=self.skipped)
+                    step=self.step, position=self.position, elapsed=self.elapsed, skipped=self.skipped,
+                    data_digest=self.data_digest)
 
     def resume(self, config):
         """Load this stage's checkpoint if one exists; refuse one from a different cascade."""
@@ -199,6 +185,7 @@ class Trainer:
         self.opt.load_state_dict(s["optimizer"])
         self.scaler.load_state_dict(s["scaler"])
         self.step, self.position, self.elapsed, self.skipped = s["step"], s["position"], s["elapsed"], s["skipped"]
+        self.data_digest = s.get("data_digest", "")
 
     def save(self, config):
         if self.rank == 0:
@@ -253,15 +240,36 @@ class Trainer:
 
 
 def batches(loader, cache, size, device, trainer):
-    """Endless (images, embeds, mask) micro-batches at the stage size; counts skipped samples."""
+    """Endless (images, embeds, mask) micro-batches at the stage size; counts skipped samples and fingerprints the
+    captions read (trainer.data_digest: equal digests, equal data order)."""
+    unusable, limit = 0, min(MAX_UNUSABLE, len(loader.dataset))
     for images, captions, skipped in loader:
+        position = trainer.position
         trainer.skipped += skipped
         trainer.position += (len(captions) + skipped) * trainer.world
+        unusable = 0 if captions else unusable + skipped
+        if unusable >= limit:
+            raise SystemExit(f"error: {unusable} samples in a row of --data {trainer.args.data!r} were unusable "
+                             "(unreadable images or empty captions); check the data")
         if not captions:
             continue
-        emb, mask = cache(captions)  # [b, n, d], [b, n]: cached, never re-encoded
+        trainer.data_digest = hashlib.sha1("\n".join([trainer.data_digest, *captions]).encode()).hexdigest()
+        emb, mask = cache(captions)  # [b, n, d], [b, n]: precomputed, never encoded here
         images = imagen.resize(images.to(device).float() / 127.5 - 1, size)  # [b, 3, size, size] in [-1, 1]
+        if trainer.args.hflip:  # seeded by the batch's position: a resumed run flips the same samples
+            seed = hash((trainer.args.seed, trainer.rank, position)) % 2**63
+            flip = torch.rand(len(captions), generator=torch.Generator().manual_seed(seed)).to(device) < 0.5  # [b]
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         yield images.contiguous(memory_format=trainer.memory_format), emb.to(device), mask.to(device)
+
+
+def precompute_captions(cache, dataset, rank, world):
+    """Encode every caption of the dataset and of the sample grid once, before training; ranks split the work."""
+    if world > 1:
+        dist.barrier()  # every rank has read the same cache state before the work is split
+    cache.precompute(dataset.captions() + SAMPLE_PROMPTS, rank=rank, world_size=world, progress=rank == 0)
+    if world > 1:
+        dist.barrier()  # every shard is written before anyone trains
 
 
 @contextlib.contextmanager
@@ -287,12 +295,12 @@ def write_grid(cascade, trainers, cache, k, path, device):
     return path
 
 
-def train_stage(args, config, cascade, trainers, k, cache, log):
+def train_stage(args, config, cascade, trainers, k, cache, dataset, log):
     """Train stage k until its step or time budget runs out."""
     t, stage_cfg = trainers[k], config["stages"][k]
     if t.finished():
         return
-    loader = make_loader(args, config["stages"][-1]["size"], t.position, t.rank, t.world)
+    loader = make_loader(args, dataset, t.position, t.rank, t.world)
     stream = batches(loader, cache, stage_cfg["size"], t.device, t)
     bar = tqdm(total=args.step_limits[k] or None, initial=t.step, desc=f"unet{k} {stage_cfg['unet']}", disable=t.rank != 0)
     while not t.finished():
@@ -310,7 +318,7 @@ def train_stage(args, config, cascade, trainers, k, cache, log):
             continue
         if t.step % args.log_every == 0:
             log(dict(unet=k, step=t.step, loss=loss, lr=t.lr(), img_per_s=round(ips, 1), skipped=t.skipped,
-                     minutes=round(t.elapsed / 60, 2)))
+                     minutes=round(t.elapsed / 60, 2), data_digest=t.data_digest[:16]))
         if args.save_every and t.step % args.save_every == 0:
             t.save(config)
         if args.sample_every and t.step % args.sample_every == 0 and t.rank == 0:
@@ -352,13 +360,16 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         config, encoder = prepare(args)
+        dataset = data.make_dataset(args.data, config["stages"][-1]["size"], seed=args.seed)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
+    if getattr(dataset, "truncated", None):
+        print(f"warning: {len(dataset.truncated)} truncated shards (first: {dataset.truncated[0]}): their samples "
+              "up to the break are used, the rest skipped")
     rank, world, device = setup_distributed()
     os.makedirs(args.out, exist_ok=True)
-    cache = text.EmbeddingCache(args.cache_dir, encoder, config["max_text_len"], device=device)
-    if args.data == "shapes" and rank == 0:
-        cache.precompute(data.all_shapes_captions())
+    cache = text.EmbeddingCache(args.cache_dir, encoder, config["max_text_len"], device, args.encoder_dtype)
+    precompute_captions(cache, dataset, rank, world)
     torch.manual_seed(args.seed)  # same initial weights on every rank and every run of the same command
     cascade = imagen.Imagen(config).to(device)
     todo = [args.only_unet] if args.only_unet is not None else range(len(config["stages"]))
@@ -373,7 +384,7 @@ def main(argv=None):
             log_file.flush()
 
     for k in todo:
-        train_stage(args, config, cascade, trainers, k, cache, log)
+        train_stage(args, config, cascade, trainers, k, cache, dataset, log)
     if rank == 0:
         path = write_grid(cascade, trainers, cache, max(todo), os.path.join(args.out, "samples.png"), device)
         print(f"checkpoints in {args.out}/, samples in {path}")

@@ -4,7 +4,6 @@ import io
 import json
 import re
 import tarfile
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -263,16 +262,41 @@ def test_image_folder_resizes_and_center_crops(tmp_path):
     assert (inner[0] > 190).all() and (inner[1] < 10).all()  # only the red centre survives
 
 
-def test_horizontal_flips_are_off_by_default(tmp_path):
-    image = Image.new("RGB", (32, 32), "white")
-    image.paste((0, 0, 0), (0, 0, 8, 32))  # black bar on the left
-    image.save(tmp_path / "bar.png")
-    (tmp_path / "bar.txt").write_text("a bar on the left")
-    left_dark = [data.ImageFolder(tmp_path, 32)[0][0][0, 16, 0] < 50 for _ in range(20)]
-    assert all(left_dark)
-    torch.manual_seed(0)
-    flipped = [data.ImageFolder(tmp_path, 32, hflip=True)[0][0][0, 16, 0] > 200 for _ in range(40)]
-    assert 0 < sum(flipped) < 40
+def test_exif_orientation_is_applied(tmp_path):
+    image = Image.new("RGB", (40, 20), "white")
+    image.paste((0, 0, 0), (0, 0, 20, 20))  # stored: black on the left; EXIF 6 says "rotate 90° clockwise to view"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image.save(tmp_path / "phone.jpg", exif=exif)
+    (tmp_path / "phone.txt").write_text("a photo")
+    upright = data.load_image(tmp_path / "phone.jpg", 20)  # viewed: 20 wide, 40 high, black on top; crop: middle
+    assert upright.shape == (3, 20, 20)
+    assert upright[:, :8].float().mean() < upright[:, 12:].float().mean()  # dark above light, not left of it
+    column_means = upright.float().mean(dim=(0, 1))  # [w]: no left/right split survives the rotation
+    assert (column_means.max() - column_means.min()) < 20
+
+
+def test_manifest_without_file_and_caption_names_the_columns_found(tmp_path):
+    (tmp_path / "captions.csv").write_text("path,text\na.png,a thing\n")
+    with pytest.raises(ValueError, match=r"columns \['path', 'text'\].*'file' and 'caption'"):
+        data.ImageFolder(tmp_path, 16)
+
+
+def test_malformed_jsonl_line_names_the_file_and_line(tmp_path):
+    (tmp_path / "captions.jsonl").write_text('{"file": "a.png", "caption": "a"}\n\n{"file": "b.png", caption}\n')
+    with pytest.raises(ValueError, match=r"captions.jsonl, line 3: not valid JSON"):
+        data.ImageFolder(tmp_path, 16)
+
+
+@pytest.mark.parametrize("layout", ["folder", "shards"])
+def test_a_dataset_without_any_caption_is_refused_at_once(tmp_path, layout):
+    (tmp_path / "a.png").write_bytes(image_bytes(fmt="PNG"))  # an image, no caption
+    if layout == "shards":
+        with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+            tar.add(tmp_path / "a.png", "a.png")
+        (tmp_path / "a.png").unlink()
+    with pytest.raises(ValueError, match="1 images but no captions"):
+        data.make_dataset(tmp_path, 16)
 
 
 @pytest.mark.parametrize("make", [lambda p: data.ImageFolder(p, 16), lambda p: data.Shards(p, 16),
@@ -285,20 +309,25 @@ def test_empty_or_missing_paths_raise_one_clear_error(tmp_path, make):
             make(path)
 
 
-def write_shards(root, n_shards, per_shard):
-    """n_shards img2dataset-style tar shards of per_shard samples captioned 'sample <i>'; returns the captions."""
+def write_shards(root, sizes, caption_in="txt"):
+    """img2dataset-style tar shards of the given sample counts, captioned 'sample <i>' in key.txt (or key.json);
+    returns the captions."""
     root.mkdir(exist_ok=True)
-    for shard in range(n_shards):
+    k = 0
+    for shard, n in enumerate(sizes):
         with tarfile.open(root / f"{shard:05d}.tar", "w") as tar:
-            for k in range(shard * per_shard, (shard + 1) * per_shard):
-                for ext, payload in [("jpg", image_bytes()), ("txt", f"sample {k}".encode()), ("json", b"{}")]:
+            for k in range(k, k + n):
+                text = {"txt": f"sample {k}".encode(), "json": json.dumps({"caption": f"sample {k}"}).encode()}
+                members = [("jpg", image_bytes()), (caption_in, text[caption_in])]
+                for ext, payload in members + ([("json", b"{}")] if caption_in == "txt" else []):
                     info = tarfile.TarInfo(f"{k:09d}.{ext}")
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
-    return [f"sample {k}" for k in range(n_shards * per_shard)]
+            k += 1
+    return [f"sample {k}" for k in range(sum(sizes))]
 
 
-def test_shards_stream_samples_and_skip_bad_ones(tmp_path):
+def test_shards_read_samples_in_place_and_skip_bad_ones(tmp_path):
     def write(name, ext, payload):
         info = tarfile.TarInfo(f"{name}.{ext}")
         info.size = len(payload)
@@ -307,28 +336,61 @@ def test_shards_stream_samples_and_skip_bad_ones(tmp_path):
     with tarfile.open(tmp_path / "00000.tar", "w") as tar:
         write_bad_samples(write)
     raw = (tmp_path / "00000.tar").read_bytes()
-    (tmp_path / "00001.tar").write_bytes(raw[:1500])  # a truncated shard: one skip, no crash
+    (tmp_path / "00001.tar").write_bytes(raw[:2500])  # truncated inside sample b's image: a is kept, the rest lost
     dataset = data.Shards(str(tmp_path / "{00000..00001}.tar"), 16)
-    items = list(dataset)
-    assert items[-1] is None
-    check_bad_samples(items[:-1])
+    assert dataset.truncated == [str(tmp_path / "00001.tar")]
+    assert len(dataset) == 7 and dataset.captions()[6] == "a red thing"
+    check_bad_samples([dataset[i] for i in range(6)])
+    assert dataset[6][1] == "a red thing"
 
 
-@pytest.mark.parametrize("world_size,workers", [(1, 1), (2, 1), (1, 3), (2, 2), (3, 2), (4, 4)])
-def test_shard_splitting_is_disjoint_and_complete(tmp_path, monkeypatch, world_size, workers):
-    expected = write_shards(tmp_path / "shards", n_shards=6, per_shard=5)
-    seen = []
-    for rank in range(world_size):
-        dataset = data.Shards(tmp_path / "shards", 8, rank=rank, world_size=world_size)
-        for worker in range(workers):
-            monkeypatch.setattr(torch.utils.data, "get_worker_info",
-                                lambda: SimpleNamespace(id=worker, num_workers=workers))
-            seen += [caption for _, caption in dataset]
-    assert sorted(seen) == sorted(expected)  # every sample exactly once
+def test_shard_captions_come_from_json_when_there_is_no_txt(tmp_path):
+    expected = write_shards(tmp_path, [3], caption_in="json")
+    dataset = data.Shards(tmp_path, 8)
+    assert [dataset[i][1] for i in range(3)] == expected == dataset.captions()
 
 
-def test_shards_and_shapes_work_with_dataloader_workers(tmp_path):
-    expected = write_shards(tmp_path / "shards", n_shards=3, per_shard=4)
+def test_shards_are_indexed_once_and_reindexed_when_they_change(tmp_path, monkeypatch):
+    write_shards(tmp_path, [2, 3])
+    assert len(data.Shards(tmp_path, 8)) == 5 and len(list(tmp_path.glob("*.tar.idx.json"))) == 2
+    monkeypatch.setattr(data, "_scan_shard", lambda path: pytest.fail(f"{path} was scanned again"))
+    assert data.Shards(tmp_path, 8).captions() == [f"sample {k}" for k in range(5)]
+    monkeypatch.undo()
+    write_shards(tmp_path, [4, 3])  # rewritten: sizes change, so the stored indexes no longer match
+    assert len(data.Shards(tmp_path, 8)) == 7
+
+
+def test_two_epochs_each_see_every_sample_once_in_different_orders(tmp_path):
+    expected = write_shards(tmp_path, [5, 2, 4])  # unequal shards
+    dataset = data.Shards(tmp_path, 8)
+    indices = iter(data.EpochSampler(len(dataset), seed=3))
+    epochs = [[dataset[next(indices)][1] for _ in range(len(dataset))] for _ in range(2)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(expected)
+    assert epochs[0] != epochs[1] and epochs[0] != expected  # shuffled across shards, anew every epoch
+
+
+def test_ranks_and_workers_split_unequal_shards_disjoint_complete_and_even(tmp_path):
+    expected = write_shards(tmp_path, [7, 2, 3])  # 12 samples in shards of 7, 2 and 3
+    dataset, world, steps, batch = data.Shards(tmp_path, 8), 2, 3, 2  # 2 ranks x 3 steps x batch 2 = one epoch
+    per_rank = []
+    for rank in range(world):
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=2, collate_fn=data.collate,
+                                             sampler=data.EpochSampler(len(dataset), 0, rank=rank, world_size=world))
+        batches = iter(loader)
+        per_rank.append([c for _ in range(steps) for c in next(batches)[1]])
+    assert [len(c) for c in per_rank] == [steps * batch] * world  # the same count per step on every rank
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(expected)  # disjoint and complete
+
+
+def test_sampler_resumes_at_the_exact_next_sample():
+    whole = iter(data.EpochSampler(10, seed=3, rank=1, world_size=2))
+    sequence = [next(whole) for _ in range(12)]  # crosses two epoch boundaries
+    resumed = iter(data.EpochSampler(10, seed=3, start=8, rank=1, world_size=2))
+    assert [next(resumed) for _ in range(8)] == sequence[4:]
+
+
+def test_shards_work_with_dataloader_workers(tmp_path):
+    expected = write_shards(tmp_path / "shards", [4, 4, 4])
     loader = torch.utils.data.DataLoader(data.Shards(str(tmp_path / "shards" / "{00000..00002}.tar"), 8),
                                          batch_size=5, num_workers=2, collate_fn=data.collate)
     assert sorted(c for _, captions, _ in loader for c in captions) == sorted(expected)
@@ -340,7 +402,7 @@ def test_shards_and_shapes_work_with_dataloader_workers(tmp_path):
 
 
 def test_missing_shard_in_a_pattern_raises(tmp_path):
-    write_shards(tmp_path, n_shards=2, per_shard=1)
+    write_shards(tmp_path, [1, 1])
     with pytest.raises(ValueError, match="00002.tar"):
         data.Shards(str(tmp_path / "{00000..00002}.tar"), 8)
 
@@ -355,12 +417,12 @@ def test_collate_drops_and_counts_none():
 
 def test_make_dataset_dispatches_on_the_spec(tmp_path):
     assert isinstance(data.make_dataset("shapes", 32), data.Shapes)
-    write_shards(tmp_path / "shards", n_shards=2, per_shard=1)
+    write_shards(tmp_path / "shards", [1, 1])
     assert isinstance(data.make_dataset(tmp_path / "shards", 32), data.Shards)
-    assert isinstance(data.make_dataset(f"{tmp_path}/shards/{{00000..00001}}.tar", 32, rank=1, world_size=2),
-                      data.Shards)
+    assert isinstance(data.make_dataset(f"{tmp_path}/shards/{{00000..00001}}.tar", 32), data.Shards)
     (tmp_path / "folder").mkdir()
     (tmp_path / "folder" / "a.png").write_bytes(image_bytes(fmt="PNG"))
+    (tmp_path / "folder" / "a.txt").write_text("a thing")
     assert isinstance(data.make_dataset(tmp_path / "folder", 32), data.ImageFolder)
     with pytest.raises(ValueError, match="'nope'.*shapes"):
         data.make_dataset("nope", 32)

