@@ -1,10 +1,13 @@
 """End-to-end tests through the real command lines: train.py, sample.py, eval.py (tiny presets, CPU)."""
+import io
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 
 import pytest
@@ -173,13 +176,73 @@ def test_torchrun_two_processes_train_and_save(tmp_path, cache_dir):
     assert state["step"] == 2 and state["position"] == 2 * 2 * 4  # steps x ranks x batch
 
 
-def test_ranks_read_disjoint_samples_that_cover_the_data():
-    import train
-    streams = [iter(train.IndexStream(10, seed=3, start=0, rank=r, world_size=2, shuffle=True)) for r in (0, 1)]
-    seen = [[next(s) for _ in range(5)] for s in streams]
-    assert set(seen[0]).isdisjoint(seen[1]) and set(seen[0]) | set(seen[1]) == set(range(10))
-    resumed = iter(train.IndexStream(10, seed=3, start=4, rank=0, world_size=2, shuffle=True))
-    assert [next(resumed) for _ in range(3)] == seen[0][2:5]
+def write_picture_shards(root, sizes):
+    """Tar shards of coloured PNGs captioned 'picture <k>', of the given (unequal) sample counts."""
+    root.mkdir()
+    k = 0
+    for shard, n in enumerate(sizes):
+        with tarfile.open(root / f"{shard:05d}.tar", "w") as tar:
+            for k in range(k, k + n):
+                png = io.BytesIO()
+                Image.new("RGB", (40, 40), (20 * k % 256, 80, 120)).save(png, "PNG")
+                for name, payload in ((f"{k:05d}.png", png.getvalue()), (f"{k:05d}.txt", f"picture {k}".encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+            k += 1
+    return root
+
+
+def log_records(out):
+    return [json.loads(line) for line in open(out / "log.jsonl")]
+
+
+def test_shards_resume_after_sigkill_with_the_same_samples_and_weights(tmp_path, cache_dir):
+    shards = write_picture_shards(tmp_path / "shards", [5, 2, 6])  # 13 samples: 8 steps of 4 cross two epochs
+    flags = ["--data", str(shards), "--steps", "8", "--only-unet", "0", "--log-every", "1", "--save-every", "2"]
+    train(tmp_path / "straight", cache_dir, *flags)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *TINY, "--out", str(killed),
+                             "--cache-dir", cache_dir, *flags], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(r.get("step", 0) >= 5 for r in
+                                             (log_records(killed) if (killed / "log.jsonl").exists() else [])):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = imagen.load_checkpoint(imagen.checkpoint_path(killed, 0))["step"]
+    assert 4 <= saved < 8  # killed mid-stage, after a save
+    train(killed, cache_dir, *flags)
+    digests = [{r["step"]: r["data_digest"] for r in log_records(out) if "loss" in r} for out in (tmp_path / "straight",
+                                                                                                 killed)]
+    assert digests[0] == digests[1] and len(digests[0]) == 8  # the same captions in the same order at every step
+    a, b = (imagen.load_checkpoint(imagen.checkpoint_path(out, 0)) for out in (tmp_path / "straight", killed))
+    assert a["step"] == b["step"] == 8 and a["position"] == b["position"] == 32
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+
+
+def test_cache_files_do_not_grow_with_training_steps(tmp_path):
+    shards, cache = write_picture_shards(tmp_path / "shards", [7, 6]), tmp_path / "cache"
+    flags = ["--data", str(shards), "--only-unet", "0", "--cache-dir", str(cache)]
+    counts = []
+    for steps in (2, 10):
+        run("train.py", *TINY, "--out", str(tmp_path / "out"), *flags, "--steps", str(steps))
+        counts.append(sorted(p.name for p in cache.rglob("*")))
+    assert counts[0] == counts[1] and len(counts[0]) <= 3  # one folder, one shard: .npy + .json
+
+
+def test_data_without_a_usable_sample_stops_with_one_line(tmp_path, cache_dir):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"{i}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+        (folder / f"{i}.txt").write_text(f"a broken picture {i}")
+    proc = train(tmp_path / "out", cache_dir, "--data", str(folder), "--steps", "3", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert re.search(r"error: \d+ samples in a row of --data .* were unusable", proc.stderr)
 
 
 def trainer_for(*flags):
