@@ -3,7 +3,8 @@
 train: images/s and peak memory of a training step per stage (fp32/bf16 x channels_last x compile; cached text vs
 minilm each step). profile: the top operators of each stage's training step (torch.profiler). sample: seconds per
 image and eval scores per sampler, against ancestral DDPM over all T steps with two-pass guidance; batched vs two-pass
-guidance on the guided base stage. text: captions/s per encoder vs cache reads. Speed is measured here, never in tests.
+guidance on the guided base stage. text: captions/s per encoder vs cache reads. data: loader images/s from a folder and
+from shards, caption precompute captions/s, open files over a long run. Speed is measured here, never in tests.
 """
 import argparse
 import contextlib
@@ -13,11 +14,14 @@ import json
 import multiprocessing
 import os
 import platform
+import tarfile
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
@@ -51,6 +55,9 @@ def parse_args(argv=None):
     a("--sample-batch-size", type=int, default=24, help="sample: images sampled at once, the same for every run")
     a("--single-n", type=int, default=8, help="sample: prompts for batched vs two-pass guidance one image at a time")
     a("--text-captions", type=int, default=512, help=f"text: captions encoded per encoder (batches of {TEXT_BATCH})")
+    a("--data-images", type=int, default=512, help="data: JPEGs written for the loader rows")
+    a("--data-captions", type=int, default=50_000, help="data: captions cached for the open-files row")
+    a("--data-steps", type=int, default=10_000, help="data: cache reads of 32 captions for the open-files row")
     a("--cache-dir", default=defaults.cache_dir, help="text-embedding cache folder (as train.py)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--json", default="bench.json", help="write the results here")
@@ -306,6 +313,72 @@ def bench_text(args):
     return rows
 
 
+# ---- data: loader throughput from a folder and from shards, caption precompute, open files ----
+
+def write_photo_data(root, n, size=384):
+    """n noisy shapes scenes as size-px JPEGs (photo-like decode cost), as a folder and as 4 tar shards."""
+    folder, shards, rng = Path(root) / "folder", Path(root) / "shards", torch.Generator().manual_seed(0)
+    folder.mkdir(parents=True)
+    shards.mkdir()
+    for i in range(n):
+        scene, caption = data.sample_scene(np.random.default_rng((7, i)))
+        pixels = torch.from_numpy(data.render(scene, size)).float()
+        pixels += 12 * torch.randn(pixels.shape, generator=rng)  # [s, s, 3] sensor-like noise: larger JPEGs
+        Image.fromarray(pixels.clamp(0, 255).byte().numpy()).save(folder / f"{i:05d}.jpg", quality=90)
+        (folder / f"{i:05d}.txt").write_text(f"{caption} {i}")
+    for shard in range(4):
+        with tarfile.open(shards / f"{shard:05d}.tar", "w") as tar:
+            for i in range(shard, n, 4):
+                for ext in ("jpg", "txt"):
+                    tar.add(folder / f"{i:05d}.{ext}", f"{i:05d}.{ext}")
+    return folder, shards
+
+
+def loader_images_per_s(dataset, workers, batches=12):
+    """Images/s of train.py's loader (shuffled EpochSampler, batch 32) after a first, untimed batch."""
+    loader = iter(torch.utils.data.DataLoader(dataset, sampler=data.EpochSampler(len(dataset), 0), batch_size=32,
+                                              num_workers=workers, collate_fn=data.collate))
+    next(loader)  # worker start-up
+    start = time.perf_counter()
+    n = sum(len(next(loader)[1]) for _ in range(batches))
+    return round(n / (time.perf_counter() - start), 1)
+
+
+def open_files():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def bench_data(args):
+    """Rows: loader images/s (folder, shards x 64, 256 px x 1, 2, 4 workers); precompute captions/s (minilm, a tiny
+    T5); open file descriptors while reading a large caption cache for many steps."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, shards = write_photo_data(tmp, args.data_images)
+        for layout, path in (("folder", folder), ("shards", shards)):
+            for size, workers in itertools.product((64, 256), (1, 2, 4)):
+                rows.append(dict(measure="loader images/s", data=layout, size=size, workers=workers,
+                                 value=loader_images_per_s(data.make_dataset(path, size), workers)))
+        captions = [f"{c} {i}" for i, c in enumerate(data.shapes_captions(args.text_captions, seed=0))]
+        specs = {"minilm": text.resolve("minilm", registry.ENCODERS),
+                 "tiny-t5": text.resolve(tiny_t5(os.path.join(tmp, "tiny-t5")), {})}
+        for name, spec in specs.items():
+            cache = text.EmbeddingCache(os.path.join(tmp, "cache"), spec, TEXT_LEN, args.device)
+            cache.precompute(captions[:TEXT_BATCH])  # loads the encoder
+            _, seconds = timed(lambda: cache.precompute(captions[TEXT_BATCH:]), torch.device(args.device))
+            rows.append(dict(measure="precompute captions/s", encoder=name, captions=len(captions) - TEXT_BATCH,
+                             value=round((len(captions) - TEXT_BATCH) / seconds, 1)))
+        many = [f"{c} {i}" for i, c in enumerate(data.shapes_captions(args.data_captions, seed=1))]
+        cache = text.EmbeddingCache(os.path.join(tmp, "cache"), specs["tiny-t5"], TEXT_LEN, args.device)
+        cache.precompute(many, batch_size=1024)
+        before, rng = open_files(), np.random.default_rng(0)
+        for _ in range(args.data_steps):
+            cache([many[i] for i in rng.integers(len(many), size=32)])
+        rows.append(dict(measure=f"open files after {args.data_steps} steps of 32 ({len(many)} cached captions)",
+                         encoder="tiny-t5",
+                         shards=len(list(cache.dir.glob("*.npy"))), before=before, value=open_files()))
+    return rows
+
+
 # ---- report ----
 
 def target(name, measured, minimum, unit="x"):
@@ -357,7 +430,7 @@ def markdown(rows):
     return "\n".join(lines + ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows])
 
 
-SECTIONS = dict(train=bench_train, profile=bench_profile, sample=bench_sample, text=bench_text)
+SECTIONS = dict(train=bench_train, profile=bench_profile, sample=bench_sample, text=bench_text, data=bench_data)
 
 
 def main(argv=None):

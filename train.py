@@ -242,13 +242,13 @@ class Trainer:
 def batches(loader, cache, size, device, trainer):
     """Endless (images, embeds, mask) micro-batches at the stage size; counts skipped samples and fingerprints the
     captions read (trainer.data_digest: equal digests, equal data order)."""
-    unusable, limit = 0, min(MAX_UNUSABLE, len(loader.dataset))
+    unusable = 0
     for images, captions, skipped in loader:
         position = trainer.position
         trainer.skipped += skipped
         trainer.position += (len(captions) + skipped) * trainer.world
         unusable = 0 if captions else unusable + skipped
-        if unusable >= limit:
+        if unusable >= MAX_UNUSABLE:
             raise SystemExit(f"error: {unusable} samples in a row of --data {trainer.args.data!r} were unusable "
                              "(unreadable images or empty captions); check the data")
         if not captions:

@@ -93,3 +93,16 @@ def test_minilm_rows_are_judged_against_cached_rows_of_the_same_settings():
     targets = bench.target_rows({"train": train})
     assert [(t["measured"], t["met"]) for t in targets] == [(1.25, False), (2.0, True)]
     assert "compile reduce-overhead" in targets[1]["target"] and "compile" not in targets[0]["target"]
+
+
+def test_bench_data_section_measures_loaders_precompute_and_open_files(tmp_path):
+    out = tmp_path / "bench.json"
+    run("bench.py", "--sections", "data", "--data-images", "8", "--data-captions", "300", "--data-steps", "50",
+        "--text-captions", "80", "--json", str(out))
+    rows = json.loads(out.read_text())["data"]
+    loaders = {(r["data"], r["size"], r["workers"]) for r in rows if r["measure"] == "loader images/s"}
+    assert loaders == {(d, s, w) for d in ("folder", "shards") for s in (64, 256) for w in (1, 2, 4)}
+    assert {r["encoder"] for r in rows if r["measure"] == "precompute captions/s"} == {"minilm", "tiny-t5"}
+    assert all(r["value"] > 0 for r in rows)
+    files = next(r for r in rows if r["measure"].startswith("open files"))
+    assert files["value"] <= files["before"] + 8  # bounded by MAX_OPEN_SHARDS
