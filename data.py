@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 200, 20),
           "purple": (140, 60, 180), "orange": (245, 140, 30)}
@@ -52,6 +52,7 @@ PALETTE = np.array(list(COLORS.values()), np.float32)  # [k, 3]
 UNIT_AREA = {"circle": np.pi, "square": (2 * SQUARE_HALF_SIDE) ** 2,  # area at r = 1
              "triangle": 3 * 3 ** 0.5 / 4 * TRIANGLE_CIRCUMRADIUS ** 2}
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+HOLDOUT_SEED = 20_251_203  # which samples are held out from training (never the training --seed)
 
 
 class Caption(NamedTuple):
@@ -518,6 +519,30 @@ class EpochSampler(torch.utils.data.Sampler):
                 epoch, perm = e, torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + e))
             yield int(perm[i]) if self.shuffle else i
             g += self.world
+
+
+def holdout_split(dataset, holdout, size):
+    """(training set, held-out set). Folders and shards hold out `holdout` captioned samples (a count, or a fraction
+    of the captioned samples when below 1; at least one), a fixed random choice per dataset: training never reads
+    them. Shapes is procedural: its held-out samples are another seed's scenes, and every index trains."""
+    if isinstance(dataset, Shapes):
+        return dataset, Shapes(size, seed=HOLDOUT_SEED)
+    captioned = [i for i, caption in enumerate(dataset.captions()) if caption]
+    count = max(1, round(holdout * len(captioned)) if holdout < 1 else int(holdout))
+    if count >= len(captioned):
+        raise ValueError(f"--holdout {holdout} holds out {count} of {len(captioned)} captioned samples; choose a "
+                         f"count below {len(captioned)} or a fraction below 1")
+    order = torch.randperm(len(captioned), generator=torch.Generator().manual_seed(HOLDOUT_SEED)).tolist()
+    held = {captioned[i] for i in order[:count]}
+    return (Subset(dataset, [i for i in range(len(dataset)) if i not in held]),
+            Subset(dataset, sorted(held)))
+
+
+def first_usable(dataset, n):
+    """(uint8 images [<=n, 3, s, s], captions) of the first n usable samples of a dataset."""
+    items = (item for i in range(len(dataset)) if (item := dataset[i]) is not None)
+    images, captions, _ = collate([item for _, item in zip(range(n), items)])
+    return images, captions
 
 
 def collate(batch):

@@ -74,6 +74,25 @@ UNETS = Registry("unet preset", {
     "SuperSmall": dict(dim=16, dim_mults=(1, 2, 4), num_resnet_blocks=1, layer_attns=False,
                        layer_cross_attns=(False, False, True), attn_heads=2, attn_dim_head=32, cond_dim=128,
                        max_text_len=16),
+    # Real captioned images (photos, icons): none of the shapes-specific inputs (coordinates, a text convolution),
+    # text long enough for real captions. One GPU (bf16): a 64 px base, 64->256 and 256->1024 efficient SR U-Nets
+    # (Imagen App. F drops self-attention at 1024 px and keeps cross-attention). Parameter counts: README, Presets.
+    "Base64": dict(dim=256, dim_mults=(1, 2, 3, 4), num_resnet_blocks=2, layer_attns=(False, True, True, True),
+                   layer_cross_attns=(False, True, True, True), attn_heads=8, attn_dim_head=64, cond_dim=512,
+                   max_text_len=64),
+    "Super256": dict(dim=128, dim_mults=(1, 2, 4, 6), num_resnet_blocks=(2, 2, 4, 4),
+                     layer_attns=(False, False, False, True), layer_cross_attns=(False, False, True, True),
+                     attn_heads=8, attn_dim_head=64, cond_dim=512, max_text_len=64, memory_efficient=True),
+    "Super1024": dict(dim=128, dim_mults=(1, 2, 4, 8), num_resnet_blocks=(2, 2, 4, 4), layer_attns=False,
+                      layer_cross_attns=(False, False, False, True), attn_heads=8, attn_dim_head=64, cond_dim=512,
+                      max_text_len=64, memory_efficient=True),
+    # ... and a CPU-trainable 32 -> 64 pair: BaseSmall / SuperSmall without the shapes tricks, 32 text tokens.
+    "RealBaseSmall": dict(dim=32, dim_mults=(1, 2, 4), num_resnet_blocks=1, layer_attns=(False, True, True),
+                          layer_cross_attns=(False, True, True), attn_heads=4, attn_dim_head=32, cond_dim=128,
+                          max_text_len=32, memory_efficient=True),
+    "RealSuperSmall": dict(dim=16, dim_mults=(1, 2, 4), num_resnet_blocks=1, layer_attns=False,
+                           layer_cross_attns=(False, False, True), attn_heads=2, attn_dim_head=32, cond_dim=128,
+                           max_text_len=32),
 })
 
 # Frozen text encoders: short name -> where text.py finds the model (plain data; any HF id or folder also works).

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import time
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -24,7 +25,9 @@ import registry
 import text
 from sample import save_grid
 
-SAMPLE_PROMPTS = data.shapes_captions(8, seed=1234)
+SAMPLE_PROMPTS = data.shapes_captions(8, seed=1234)  # the shapes grids' prompts
+GRID_PROMPTS = 8  # images in a sample grid
+HELDOUT_N = 64  # held-out samples whose loss is logged
 DEFAULT_UNETS = "base-small,super-small"
 MAX_UNUSABLE = 1000  # consecutive unusable samples (unreadable image or no caption) before training stops
 DEFAULT_MINUTES = "13,5"  # the default cascade's budget: 20 minutes in all on a 2-core CPU, with start-up and samples
@@ -73,6 +76,9 @@ def parse_args(argv=None):
     a("--sample-every", type=int, default=0, help="write a sample grid every N steps (0 = only at the end)")
     a("--save-every", type=int, default=500, help="write a checkpoint every N steps (and at the end)")
     a("--log-every", type=int, default=10, help="append to log.jsonl every N steps")
+    a("--holdout", type=float, default=0.02, help="samples of a folder or shards never trained on: a count, or a "
+      "fraction below 1 (a fixed choice per dataset size); the loss of the first 64 is logged")
+    a("--eval-every", type=int, default=100, help="log the held-out loss every N steps (0 = only at the end)")
     a("--workers", type=int, default=1, help="DataLoader worker processes")
     a("--cache-dir", default=text.DEFAULT_CACHE_DIR, help="text-embedding cache folder")
     a("--encoder-dtype", default="fp32", choices=list(text.DTYPES), help="text encoder precision for the caption "
@@ -115,7 +121,7 @@ def build_config(args, text_dim):
                     steps=csv(args.sample_steps, int, n, "--sample-steps"), lowres_noise=args.lowres_noise)
     return dict(encoder=args.encoder, text_embed_dim=text_dim,
                 max_text_len=max(s["unet_kwargs"]["max_text_len"] for s in stages),
-                stages=stages, sampling=sampling)
+                stages=stages, sampling=sampling, holdout=args.holdout)
 
 
 def setup_distributed():
@@ -285,18 +291,42 @@ def ema_weights(trainers):
             t.stage.unet = raw[k]
 
 
-def write_grid(cascade, trainers, cache, k, path, device):
-    """Sample the fixed prompts through stages 0..k with EMA weights into a PNG grid."""
-    emb, mask = cache(SAMPLE_PROMPTS)
+class Heldout(NamedTuple):
+    """Samples training never reads: their loss is logged, their captions prompt the sample grids."""
+    images: torch.Tensor  # uint8 [n, 3, s, s]
+    captions: list
+    prompts: list  # the grid's prompts: held-out captions (shapes: SAMPLE_PROMPTS)
+
+
+def heldout_loss(t, size, heldout, cache):
+    """Stage loss of the EMA weights on the held-out images at `size`, with fixed timesteps, noise, low-res
+    augmentation and text drops (one fixed seed): a curve that moves only when the weights do."""
+    emb, mask = cache(heldout.captions)  # [n, max_len, d], [n, max_len]
+    images = imagen.resize(heldout.images.to(t.device).float() / 127.5 - 1, size)  # [n, 3, size, size]
+    cuda = [t.device] if t.device.type == "cuda" else []
+    with ema_weights({t.k: t}), torch.random.fork_rng(devices=cuda), torch.no_grad(), torch.autocast(**t.autocast):
+        torch.manual_seed(data.HOLDOUT_SEED)
+        return t.stage(images.contiguous(memory_format=t.memory_format), emb.to(t.device), mask.to(t.device)).item()
+
+
+def write_grid(cascade, trainers, cache, k, path, heldout, start_at=0):
+    """Sample stages start_at..k with EMA weights into a PNG grid. Starting after the first stage, the chain is
+    conditioned on held-out images at the previous stage's size, prompted by their own captions."""
+    prompts, start_images, device = heldout.prompts, None, trainers[k].device
+    if start_at:
+        prompts = heldout.captions[:GRID_PROMPTS]
+        lowres = cascade.config["stages"][start_at - 1]["size"]
+        start_images = imagen.resize(heldout.images[:GRID_PROMPTS].to(device).float() / 255, lowres)  # [n, 3, s, s]
+    emb, mask = cache(prompts)
     with ema_weights(trainers):
-        images = cascade.sample(emb.to(device), mask.to(device), stop_at=k + 1,
-                                generator=torch.Generator(device).manual_seed(0))
+        images = cascade.sample(emb.to(device), mask.to(device), stop_at=k + 1, start_at=start_at,
+                                start_images=start_images, generator=torch.Generator(device).manual_seed(0))
     save_grid(images, path, nrow=4)
-    return path
+    return path, prompts
 
 
-def train_stage(args, config, cascade, trainers, k, cache, dataset, log):
-    """Train stage k until its step or time budget runs out."""
+def train_stage(args, config, cascade, trainers, k, cache, dataset, heldout, log):
+    """Train stage k until its step or time budget runs out, logging the held-out loss every --eval-every steps."""
     t, stage_cfg = trainers[k], config["stages"][k]
     if t.finished():
         return
@@ -322,10 +352,23 @@ def train_stage(args, config, cascade, trainers, k, cache, dataset, log):
         if args.save_every and t.step % args.save_every == 0:
             t.save(config)
         if args.sample_every and t.step % args.sample_every == 0 and t.rank == 0:
-            write_grid(cascade, trainers, cache, k, os.path.join(args.out, f"samples-unet{k}-{t.step:06d}.png"), t.device)
+            grid = os.path.join(args.out, f"samples-unet{k}-{t.step:06d}.png")
+            _, prompts = write_grid(cascade, trainers, cache, k, grid, heldout, grid_start(args, k))
+            log(dict(unet=k, step=t.step, event="grid", path=grid, prompts=prompts))
+        if args.eval_every and t.step % args.eval_every == 0 and t.rank == 0:
+            held = heldout_loss(t, stage_cfg["size"], heldout, cache)
+            bar.set_postfix(loss=f"{loss:.4f}", heldout=f"{held:.4f}", img_s=f"{ips:.1f}")
+            log(dict(unet=k, step=t.step, heldout_loss=held, minutes=round(t.elapsed / 60, 2)))
     bar.close()
     t.save(config)
-    log(dict(unet=k, step=t.step, event="done", minutes=round(t.elapsed / 60, 2), skipped=t.skipped))
+    log(dict(unet=k, step=t.step, event="done", minutes=round(t.elapsed / 60, 2), skipped=t.skipped,
+             heldout_loss=heldout_loss(t, stage_cfg["size"], heldout, cache) if t.rank == 0 else None))
+
+
+def grid_start(args, k):
+    """The stage a grid of stage k starts at: k itself when only stage k trains here (its inputs are then real
+    low-res images, not an untrained base's), else the first."""
+    return k if args.only_unet is not None else 0
 
 
 def prepare(args):
@@ -360,7 +403,9 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         config, encoder = prepare(args)
-        dataset = data.make_dataset(args.data, config["stages"][-1]["size"], seed=args.seed)
+        size = config["stages"][-1]["size"]
+        dataset = data.make_dataset(args.data, size, seed=args.seed)
+        train_set, heldout_set = data.holdout_split(dataset, args.holdout, size)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     if getattr(dataset, "truncated", None):
@@ -370,6 +415,11 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     cache = text.EmbeddingCache(args.cache_dir, encoder, config["max_text_len"], device, args.encoder_dtype)
     precompute_captions(cache, dataset, rank, world)
+    images, captions = data.first_usable(heldout_set, HELDOUT_N)
+    if not captions:
+        raise SystemExit(f"error: none of the {len(heldout_set)} held-out samples of --data {args.data!r} is usable; "
+                         "hold out more with --holdout")
+    heldout = Heldout(images, captions, SAMPLE_PROMPTS if args.data == "shapes" else captions[:GRID_PROMPTS])
     torch.manual_seed(args.seed)  # same initial weights on every rank and every run of the same command
     cascade = imagen.Imagen(config).to(device)
     todo = [args.only_unet] if args.only_unet is not None else range(len(config["stages"]))
@@ -384,9 +434,11 @@ def main(argv=None):
             log_file.flush()
 
     for k in todo:
-        train_stage(args, config, cascade, trainers, k, cache, dataset, log)
+        train_stage(args, config, cascade, trainers, k, cache, train_set, heldout, log)
     if rank == 0:
-        path = write_grid(cascade, trainers, cache, max(todo), os.path.join(args.out, "samples.png"), device)
+        path, prompts = write_grid(cascade, trainers, cache, max(todo), os.path.join(args.out, "samples.png"),
+                                   heldout, grid_start(args, max(todo)))
+        log(dict(unet=max(todo), event="grid", path=path, prompts=prompts))
         print(f"checkpoints in {args.out}/, samples in {path}")
     if world > 1:
         dist.barrier()  # no rank tears the group down while rank 0 still writes

@@ -1,6 +1,7 @@
 """End-to-end tests through the real command lines: train.py, sample.py, eval.py (tiny presets, CPU)."""
 import io
 import json
+import math
 import os
 import pickle
 import re
@@ -14,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import imagen
 import train as train_module
 
@@ -167,7 +169,7 @@ def test_corrupt_image_in_folder_is_skipped_and_counted(tmp_path, cache_dir):
 
 def test_torchrun_two_processes_train_and_save(tmp_path, cache_dir):
     out = tmp_path / "ddp"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            os.path.join(ROOT, "train.py"), *TINY, "--out", str(out), "--cache-dir", cache_dir,
                            "--steps", "2", "--only-unet", "0"],
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
@@ -242,7 +244,14 @@ def test_data_without_a_usable_sample_stops_with_one_line(tmp_path, cache_dir):
         (folder / f"{i}.txt").write_text(f"a broken picture {i}")
     proc = train(tmp_path / "out", cache_dir, "--data", str(folder), "--steps", "3", check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert re.search(r"error: \d+ samples in a row of --data .* were unusable", proc.stderr)
+    assert re.search(r"error: .*(held-out samples .* is usable|samples in a row .* were unusable)", proc.stderr)
+
+
+def test_a_long_run_of_unusable_samples_stops_training():
+    trainer, _ = trainer_for()
+    empty = (torch.zeros(0, 3, 0, 0, dtype=torch.uint8), [], 4)  # a batch whose 4 samples were all skipped
+    with pytest.raises(SystemExit, match=f"{train_module.MAX_UNUSABLE} samples in a row"):
+        next(train_module.batches(iter([empty] * (train_module.MAX_UNUSABLE // 4 + 1)), None, 16, "cpu", trainer))
 
 
 def trainer_for(*flags):
@@ -275,3 +284,47 @@ def test_precision_and_memory_format_are_set_per_stage():
     args = train_module.parse_args([*TINY, "--steps", "1"])
     train_module.prepare(args)
     assert args.precisions == ["fp32", "fp32"] and args.channels_lasts == [True, True]
+
+
+def captioned_pictures(folder, n):
+    """n coloured PNGs captioned 'picture <i>' in a folder."""
+    folder.mkdir()
+    for i in range(n):
+        Image.new("RGB", (40, 40), (20 * i % 256, 80, 120)).save(folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text(f"picture {i}")
+    return folder
+
+
+def test_held_out_samples_never_reach_the_training_loader(tmp_path):
+    folder = captioned_pictures(tmp_path / "pictures", 40)
+    train_set, heldout_set = data.holdout_split(data.make_dataset(folder, 16), 0.1, 16)
+    held = {caption for _, caption in (heldout_set[i] for i in range(len(heldout_set)))}
+    args = train_module.parse_args([*TINY, "--data", str(folder)])
+    loader = iter(train_module.make_loader(args, train_set, 0, 0, 1))
+    trained = {c for _ in range(3 * len(train_set) // 4) for c in next(loader)[1]}  # three epochs
+    assert len(held) == 4 and len(trained) == 36 and held.isdisjoint(trained)
+    again = data.holdout_split(data.make_dataset(folder, 32), 0.1, 32)[1]
+    assert again.indices == heldout_set.indices  # the same choice every time: eval.py finds the same samples
+
+
+def test_a_real_data_preset_trains_logs_held_out_loss_and_grids_held_out_captions(tmp_path, cache_dir):
+    folder, out = captioned_pictures(tmp_path / "pictures", 30), tmp_path / "out"
+    train(out, cache_dir, "--unets", "real-base-small,real-super-small", "--sizes", "16,32", "--data", str(folder),
+          "--steps", "3", "--eval-every", "2", "--holdout", "5")
+    records = log_records(out)
+    losses = [r for r in records if "heldout_loss" in r]
+    assert {(r["unet"], r["step"]) for r in losses} >= {(0, 2), (0, 3), (1, 2), (1, 3)}
+    assert all(math.isfinite(r["heldout_loss"]) for r in losses)
+    held = {f"picture {i}" for i in data.holdout_split(data.make_dataset(folder, 32), 5, 32)[1].indices}
+    grid = next(r for r in records if r.get("event") == "grid")
+    assert set(grid["prompts"]) == held and os.path.exists(out / "samples.png")
+    assert imagen.load_checkpoint(imagen.checkpoint_path(out, 1))["config"]["holdout"] == 5
+
+
+def test_an_only_unet_grid_starts_from_real_low_res_images(tmp_path, cache_dir, monkeypatch):
+    folder, out = captioned_pictures(tmp_path / "pictures", 12), tmp_path / "out"
+    train(out, cache_dir, "--data", str(folder), "--steps", "1", "--only-unet", "1", "--holdout", "4")
+    grid = next(r for r in log_records(out) if r.get("event") == "grid")
+    assert len(grid["prompts"]) == 4 and all(p.startswith("picture ") for p in grid["prompts"])
+    assert train_module.grid_start(train_module.parse_args(["--only-unet", "1"]), 1) == 1
+    assert train_module.grid_start(train_module.parse_args([]), 1) == 0
