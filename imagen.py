@@ -98,6 +98,15 @@ class Stage(nn.Module):
                                           threshold=threshold, generator=generator)
 
 
+def fixed_noise_loss(stage, images, text_embeds, text_mask, seed):
+    """A stage's training loss with every random draw (timesteps, noise, low-res augmentation, text drops) taken
+    from one fixed seed: it changes only when the weights do, so checkpoints can be compared on held-out images."""
+    devices = [images.device] if images.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        torch.manual_seed(seed)
+        return stage(images, text_embeds, text_mask).item()
+
+
 def build_stages(config):
     """nn.ModuleList of Stages from a cascade config (the dict every checkpoint stores)."""
     stages, sizes = config["stages"], [s["size"] for s in config["stages"]]

@@ -299,14 +299,12 @@ class Heldout(NamedTuple):
 
 
 def heldout_loss(t, size, heldout, cache):
-    """Stage loss of the EMA weights on the held-out images at `size`, with fixed timesteps, noise, low-res
-    augmentation and text drops (one fixed seed): a curve that moves only when the weights do."""
+    """Stage loss of the EMA weights on the held-out images at `size`, at fixed noise (imagen.fixed_noise_loss)."""
     emb, mask = cache(heldout.captions)  # [n, max_len, d], [n, max_len]
     images = imagen.resize(heldout.images.to(t.device).float() / 127.5 - 1, size)  # [n, 3, size, size]
-    cuda = [t.device] if t.device.type == "cuda" else []
-    with ema_weights({t.k: t}), torch.random.fork_rng(devices=cuda), torch.no_grad(), torch.autocast(**t.autocast):
-        torch.manual_seed(data.HOLDOUT_SEED)
-        return t.stage(images.contiguous(memory_format=t.memory_format), emb.to(t.device), mask.to(t.device)).item()
+    with ema_weights({t.k: t}), torch.autocast(**t.autocast):
+        return imagen.fixed_noise_loss(t.stage, images.contiguous(memory_format=t.memory_format), emb.to(t.device),
+                                       mask.to(t.device), data.HOLDOUT_SEED)
 
 
 def write_grid(cascade, trainers, cache, k, path, heldout, start_at=0):
