@@ -9,6 +9,7 @@ from hypothesis import given, strategies as st
 import imagen
 import registry
 from diffusion import EDM, Diffusion, karras_sigmas, no_threshold, sample_ddpm, sample_heun
+from test_cli import TINY, cache_dir, run, train  # noqa: F401 (fixture)
 from test_diffusion import FAST, FEW, assert_within, never_called, randn, seeds, shapes
 from test_imagen import text, tiny_config
 
@@ -167,3 +168,29 @@ def test_old_stage_configs_without_a_family_are_ddpm_as_trained():
     stage = imagen.Imagen(tiny_config()).stages[0]
     assert "family" not in tiny_config()["stages"][0] and isinstance(stage.diffusion, Diffusion)
     assert stage.diffusion.num_timesteps == 50
+
+
+# Through train.py and sample.py.
+
+def test_train_family_edm_stores_it_and_samples_with_heun(tmp_path, cache_dir):
+    train(tmp_path / "edm", cache_dir, "--family", "edm", "--steps", "2")
+    stages = imagen.load_checkpoint(imagen.checkpoint_path(tmp_path / "edm", 1))["config"]["stages"]
+    assert [(s["family"], s["target"], s["min_snr_gamma"]) for s in stages] == [("edm", "edm", None)] * 2
+    proc = run("sample.py", "--ckpt", str(tmp_path / "edm"), "--prompt", "a red circle", "--steps", "2",
+               "--out", str(tmp_path / "out"), "--cache-dir", cache_dir)
+    assert len(proc.stdout.split()) == 2
+    proc = run("sample.py", "--ckpt", str(tmp_path / "edm"), "--prompt", "x", "--sampler", "ddpm", "--steps", "2",
+               "--out", str(tmp_path / "out"), "--cache-dir", cache_dir, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "sampler 'ddpm' cannot run on U-Net 0 (edm diffusion)" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--family", "vp"], "unknown diffusion family 'vp'"),
+    (["--family", "edm", "--target", "v"], "--target 'v' for U-Net 0 (edm)"),
+    (["--family", "ddpm,edm", "--target", "edm"], "--target 'edm' for U-Net 0 (ddpm)"),
+])
+def test_bad_family_flags_fail_with_one_line_error(tmp_path, args, needle):
+    proc = run("train.py", *TINY, *args, "--out", str(tmp_path), check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert needle in proc.stderr.strip().splitlines()[-1], proc.stderr
