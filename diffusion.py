@@ -40,6 +40,14 @@ def cosine_betas(T):
     return (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(max=0.999)
 
 
+def _noise_levels(level, batch, device):
+    """Noise levels in [0, 1] (a float, or a tensor [batch]) as float64 [batch]; ValueError outside."""
+    level = torch.as_tensor(level, dtype=torch.float64, device=device).expand(batch)  # [batch]
+    if not ((level >= 0) & (level <= 1)).all():
+        raise ValueError(f"noise level must be in [0, 1], got {level.unique().tolist()}")
+    return level
+
+
 class Diffusion(torch.nn.Module):
     """Per-time coefficients of q(x_t | x0) and q(x_{t-1} | x_t, x0) (Ho et al. 2020, §2), computed in float64."""
     TARGETS = TARGETS
@@ -148,10 +156,7 @@ class Diffusion(torch.nn.Module):
 
     def time_for_noise_level(self, level, batch, device):
         """The times round(level * (T-1)) for noise levels in [0, 1] (a float, or a tensor [batch]), LongTensor [batch]."""
-        level = torch.as_tensor(level, dtype=torch.float64, device=device).expand(batch)  # [batch]
-        if not ((level >= 0) & (level <= 1)).all():
-            raise ValueError(f"noise level must be in [0, 1], got {level.unique().tolist()}")
-        return (level * (self.num_timesteps - 1)).round().long()
+        return (_noise_levels(level, batch, device) * (self.num_timesteps - 1)).round().long()
 
     def model_time(self, t):
         """The time fed to the U-Net: t / (T-1) in [0, 1], float [b]."""
@@ -162,6 +167,7 @@ class Diffusion(torch.nn.Module):
         return xt
 
     def sampling_times(self, steps):
+        """The times a sampler visits: `sampling_timesteps`."""
         return sampling_timesteps(self.num_timesteps, steps)
 
     def alphas_sigmas(self, times):
@@ -179,6 +185,11 @@ class Diffusion(torch.nn.Module):
         return Diffusion(1 - alphas_cumprod / torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]]))
 
 
+def _column(values, x):
+    """values [b] shaped to broadcast against x: [b, 1, ..., 1]."""
+    return values.view(-1, *[1] * (x.ndim - 1))
+
+
 class EDM(torch.nn.Module):
     """EDM's diffusion x = x0 + σ eps and its preconditioned denoiser (Karras et al. 2022, arXiv 2206.00364, Table 1).
 
@@ -194,7 +205,7 @@ class EDM(torch.nn.Module):
 
     def preconditioning(self, sigma, x):
         """c_skip, c_out, c_in (Table 1), each [b, 1, ..., 1]."""
-        sigma, sd2 = sigma.double().view(-1, *[1] * (x.ndim - 1)), self.sigma_data ** 2  # [b, 1, ..., 1]
+        sigma, sd2 = _column(sigma.double(), x), self.sigma_data ** 2
         c_skip = sd2 / (sigma ** 2 + sd2)
         c_out = sigma * self.sigma_data / (sigma ** 2 + sd2).sqrt()
         c_in = 1 / (sigma ** 2 + sd2).sqrt()
@@ -202,7 +213,7 @@ class EDM(torch.nn.Module):
 
     def q_sample(self, x0, sigma, noise):
         """x = x0 + σ eps (EDM §2 with s(t) = 1, σ(t) = t)."""
-        return x0 + sigma.view(-1, *[1] * (x0.ndim - 1)) * noise
+        return x0 + _column(sigma, x0) * noise
 
     def model_input(self, x, sigma):
         """c_in x, the U-Net's input (Eq. 7)."""
@@ -217,7 +228,7 @@ class EDM(torch.nn.Module):
         _check_target(target, self.TARGETS)
         c_skip, c_out, _ = self.preconditioning(sigma, x)
         x0 = (c_skip * x + c_out * output).to(x.dtype)
-        return x0, (x - x0) / sigma.view(-1, *[1] * (x.ndim - 1))
+        return x0, (x - x0) / _column(sigma, x)
 
     def training_target(self, x0, eps, sigma, target):
         """F's target (x0 - c_skip x) / c_out for x = x0 + σ eps (Eq. 8)."""
@@ -239,12 +250,10 @@ class EDM(torch.nn.Module):
 
     def time_for_noise_level(self, level, batch, device):
         """σ = tan(π/2 level) for levels in [0, 1], capped at σ_max: the SNR of the cosine schedule at `level`."""
-        level = torch.as_tensor(level, dtype=torch.float64, device=device).expand(batch)  # [batch]
-        if not ((level >= 0) & (level <= 1)).all():
-            raise ValueError(f"noise level must be in [0, 1], got {level.unique().tolist()}")
-        return (level * math.pi / 2).tan().clamp(max=self.sigma_max).float()  # cos² = 1 / (1 + σ²) (N&D Eq. 17, s=0)
+        return (_noise_levels(level, batch, device) * math.pi / 2).tan().clamp(max=self.sigma_max).float()  # cos² = 1 / (1 + σ²) (N&D Eq. 17, s=0)
 
     def sampling_times(self, steps):
+        """The levels a sampler visits: `karras_sigmas`."""
         return karras_sigmas(steps, self.sigma_min, self.sigma_max, self.rho)
 
     def alphas_sigmas(self, sigmas):
