@@ -201,7 +201,7 @@ class EDM(torch.nn.Module):
         super().__init__()
         self.sigma_data, self.sigma_min, self.sigma_max, self.rho = sigma_data, sigma_min, sigma_max, rho
         self.p_mean, self.p_std = p_mean, p_std
-        self.prior_std = sigma_max  # x at σ_max ~ N(0, σ_max² I) (Algorithm 2, line 1)
+        self.prior_std = sigma_max  # x at σ_max ~ N(0, σ_max² I) (Algorithm 2, line 2)
 
     def preconditioning(self, sigma, x):
         """c_skip, c_out, c_in (Table 1), each [b, 1, ..., 1]."""
@@ -364,7 +364,7 @@ def _noise(x, generator):
 
 def _check_family(name, diffusion, family):
     if not isinstance(diffusion, family):
-        raise ValueError(f"sampler {name} needs a {family.__name__} diffusion, got {type(diffusion).__name__}")
+        raise ValueError(f"sampler {name} runs on {family.__name__} diffusions only, got {type(diffusion).__name__}")
 
 
 def sample_ddpm(denoise, x, diffusion, steps, *, target, threshold=dynamic_threshold, generator=None, edit=None):
@@ -424,13 +424,13 @@ def sample_heun(denoise, x, diffusion, steps, *, target, threshold=dynamic_thres
     alpha, sigma = diffusion.alphas_sigmas(sigmas)
 
     def slope(x, s):
-        """dx/dσ = (x - D(x; σ)) / σ (Eq. 3 with σ(t) = t)."""
+        """dx/dσ = (x - D(x; σ)) / σ, the ODE of Eq. 1 with the score of Eq. 3 and σ(t) = t."""
         return (x - _predict_x0(denoise, x, diffusion, s, target, threshold)[0]) / s
 
     def step(x, i):
-        gamma = min(s_churn / steps, 2 ** 0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.0  # line 4
+        gamma = min(s_churn / steps, 2 ** 0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.0  # γ_i
         s_hat = sigmas[i] * (1 + gamma)
-        if gamma > 0:  # lines 5-6: raise the noise level to σ̂
+        if gamma > 0:  # lines 4-6: raise the noise level to σ̂
             x = x + (s_hat ** 2 - sigmas[i] ** 2) ** 0.5 * s_noise * _noise(x, generator)
         d = slope(x, s_hat)
         x_next = x + (sigma[i + 1] - s_hat) * d  # line 8: Euler

@@ -125,9 +125,9 @@ def test_edm_samplers_draw_gaussian_data_with_the_right_spread(name, steps):
 
 
 def test_each_family_refuses_the_other_familys_sampler_by_name():
-    with pytest.raises(ValueError, match="sampler heun needs a EDM diffusion, got Diffusion"):
+    with pytest.raises(ValueError, match="sampler heun runs on EDM diffusions only, got Diffusion"):
         sample_heun(never_called, torch.zeros(1, 2), Diffusion(torch.full((10,), 0.1)), 5, target="eps")
-    with pytest.raises(ValueError, match="sampler ddpm needs a Diffusion diffusion, got EDM"):
+    with pytest.raises(ValueError, match="sampler ddpm runs on Diffusion diffusions only, got EDM"):
         sample_ddpm(never_called, torch.zeros(1, 2), EDM(), 5, target="edm")
     with pytest.raises(ValueError, match="'v'.*choose from: edm"):
         EDM_SAMPLERS["heun"](never_called, torch.zeros(1, 2), EDM(), 5, target="v")
