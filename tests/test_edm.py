@@ -124,6 +124,13 @@ def test_edm_samplers_draw_gaussian_data_with_the_right_spread(name, steps):
     assert abs(out.std().item() - 0.5) < 0.02 and abs(out.mean().item()) < 0.02
 
 
+@pytest.mark.parametrize("steps", [0, -1, 2.5])
+@pytest.mark.parametrize("name", EDM_SAMPLERS)
+def test_steps_below_1_is_an_error(name, steps):
+    with pytest.raises(ValueError, match=f"steps must be an integer >= 1, got {steps}"):
+        EDM_SAMPLERS[name](never_called, torch.zeros(1, 2), EDM(), steps, target="edm")
+
+
 def test_each_family_refuses_the_other_familys_sampler_by_name():
     with pytest.raises(ValueError, match="sampler heun runs on EDM diffusions only, got Diffusion"):
         sample_heun(never_called, torch.zeros(1, 2), Diffusion(torch.full((10,), 0.1)), 5, target="eps")
