@@ -257,7 +257,7 @@ def bench_sample(args):
                                      steps=sampler_steps, **options)
         return images, dict(role=role, **row)
 
-    rows = [run("sampler", args.n_eval, sampler=name)[1] for name in registry.SAMPLERS.names()]
+    rows = [run("sampler", args.n_eval, sampler=name)[1] for name in cascade.samplers()]
     batched, row_batched = run("default", args.ref_eval_n)
     two_pass, row_two_pass = run("two-pass", args.ref_eval_n, "two-pass")
     row_two_pass["max_abs_diff_vs_batched"] = float((two_pass - batched).abs().max())  # same computation, one pass

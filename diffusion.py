@@ -3,8 +3,12 @@
 Times are integers t in [0, T-1]; t = 0 is the least noisy step (alphas_cumprod[0] = 1 - betas[0]).
 A model predicts one of TARGETS; every sampler turns its output into an x0 prediction, thresholds it
 (Imagen §2.3) and visits `sampling_timesteps`: T-1 down to 0, evenly spaced, then lands on the clean image.
+`EDM` is the other family (Karras et al. 2022): x = x0 + σ eps with a preconditioned network; its "times" are σ.
+Samplers step between levels (α_i, σ_i) of x_i = α_i x0 + σ_i eps, so one driver, `_run`, serves both families and
+an `Edit`: start from a given image (SDEdit) or keep part of it (RePaint).
 """
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -16,9 +20,9 @@ def _check_num_timesteps(T):
         raise ValueError(f"number of timesteps must be an integer >= 2, got {T!r}")
 
 
-def _check_target(target):
-    if target not in TARGETS:
-        raise ValueError(f"unknown prediction target {target!r}; choose from: {', '.join(TARGETS)}")
+def _check_target(target, allowed=TARGETS):
+    if target not in allowed:
+        raise ValueError(f"unknown prediction target {target!r}; choose from: {', '.join(allowed)}")
 
 
 def linear_betas(T):
@@ -36,8 +40,18 @@ def cosine_betas(T):
     return (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(max=0.999)
 
 
+def _noise_levels(level, batch, device):
+    """Noise levels in [0, 1] (a float, or a tensor [batch]) as float64 [batch]; ValueError outside."""
+    level = torch.as_tensor(level, dtype=torch.float64, device=device).expand(batch)  # [batch]
+    if not ((level >= 0) & (level <= 1)).all():
+        raise ValueError(f"noise level must be in [0, 1], got {level.unique().tolist()}")
+    return level
+
+
 class Diffusion(torch.nn.Module):
     """Per-time coefficients of q(x_t | x0) and q(x_{t-1} | x_t, x0) (Ho et al. 2020, §2), computed in float64."""
+    TARGETS = TARGETS
+    prior_std = 1.0  # x_T ~ N(0, I)
 
     def __init__(self, betas):
         super().__init__()
@@ -142,14 +156,25 @@ class Diffusion(torch.nn.Module):
 
     def time_for_noise_level(self, level, batch, device):
         """The times round(level * (T-1)) for noise levels in [0, 1] (a float, or a tensor [batch]), LongTensor [batch]."""
-        level = torch.as_tensor(level, dtype=torch.float64, device=device).expand(batch)  # [batch]
-        if not ((level >= 0) & (level <= 1)).all():
-            raise ValueError(f"noise level must be in [0, 1], got {level.unique().tolist()}")
-        return (level * (self.num_timesteps - 1)).round().long()
+        return (_noise_levels(level, batch, device) * (self.num_timesteps - 1)).round().long()
 
     def model_time(self, t):
         """The time fed to the U-Net: t / (T-1) in [0, 1], float [b]."""
         return t.float() / (self.num_timesteps - 1)
+
+    def model_input(self, xt, t):
+        """What the U-Net sees of x_t: x_t itself."""
+        return xt
+
+    def sampling_times(self, steps):
+        """The times a sampler visits: `sampling_timesteps`."""
+        return sampling_timesteps(self.num_timesteps, steps)
+
+    def alphas_sigmas(self, times):
+        """α and σ at each sampling time, then (1, 0) for the clean image, each [steps + 1]."""
+        alpha = torch.cat([self.sqrt_alphas_cumprod[times], self.betas.new_ones(1)])  # [steps + 1]
+        sigma = torch.cat([self.sqrt_one_minus_alphas_cumprod[times], self.betas.new_zeros(1)])
+        return alpha, sigma
 
     def respaced(self, timesteps):
         """The chain that visits only `timesteps`, its betas from alphas_cumprod ratios (Nichol & Dhariwal 2021, §4).
@@ -158,6 +183,90 @@ class Diffusion(torch.nn.Module):
         """
         alphas_cumprod = torch.cumprod(1 - self.schedule, 0)[sorted(timesteps)]  # [steps]
         return Diffusion(1 - alphas_cumprod / torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]]))
+
+
+def _column(values, x):
+    """values [b] shaped to broadcast against x: [b, 1, ..., 1]."""
+    return values.view(-1, *[1] * (x.ndim - 1))
+
+
+class EDM(torch.nn.Module):
+    """EDM's diffusion x = x0 + σ eps and its preconditioned denoiser (Karras et al. 2022, arXiv 2206.00364, Table 1).
+
+    Its "times" are noise levels σ, float [b]; the network output F predicts target "edm": D = c_skip x + c_out F.
+    """
+    TARGETS = ("edm",)
+
+    def __init__(self, sigma_data=0.5, sigma_min=0.002, sigma_max=80.0, rho=7.0, p_mean=-1.2, p_std=1.2):
+        super().__init__()
+        self.sigma_data, self.sigma_min, self.sigma_max, self.rho = sigma_data, sigma_min, sigma_max, rho
+        self.p_mean, self.p_std = p_mean, p_std
+        self.prior_std = sigma_max  # x at σ_max ~ N(0, σ_max² I) (Algorithm 2, line 2)
+
+    def preconditioning(self, sigma, x):
+        """c_skip, c_out, c_in (Table 1), each [b, 1, ..., 1]."""
+        sigma, sd2 = _column(sigma.double(), x), self.sigma_data ** 2
+        c_skip = sd2 / (sigma ** 2 + sd2)
+        c_out = sigma * self.sigma_data / (sigma ** 2 + sd2).sqrt()
+        c_in = 1 / (sigma ** 2 + sd2).sqrt()
+        return c_skip, c_out, c_in
+
+    def q_sample(self, x0, sigma, noise):
+        """x = x0 + σ eps (EDM §2 with s(t) = 1, σ(t) = t)."""
+        return x0 + _column(sigma, x0) * noise
+
+    def model_input(self, x, sigma):
+        """c_in x, the U-Net's input (Eq. 7)."""
+        return (self.preconditioning(sigma, x)[2] * x).to(x.dtype)
+
+    def model_time(self, sigma):
+        """c_noise = ln(σ) / 4 (Table 1), float [b]; σ = 0 (a clean low-res condition) embeds as σ_min."""
+        return sigma.float().clamp(min=self.sigma_min).log() / 4
+
+    def x0_eps_from_output(self, output, x, sigma, target):
+        """(x0, eps) from the network output F: D = c_skip x + c_out F (Eq. 7)."""
+        _check_target(target, self.TARGETS)
+        c_skip, c_out, _ = self.preconditioning(sigma, x)
+        x0 = (c_skip * x + c_out * output).to(x.dtype)
+        return x0, (x - x0) / _column(sigma, x)
+
+    def training_target(self, x0, eps, sigma, target):
+        """F's target (x0 - c_skip x) / c_out for x = x0 + σ eps (Eq. 8)."""
+        _check_target(target, self.TARGETS)
+        c_skip, c_out, _ = self.preconditioning(sigma, x0)
+        return ((x0 - c_skip * self.q_sample(x0, sigma, eps)) / c_out).to(x0.dtype)
+
+    def loss_weight(self, sigma, target, min_snr_gamma):
+        """Ones: EDM's λ(σ) = 1 / c_out² makes the loss on F unweighted (Eq. 8, Table 1)."""
+        _check_target(target, self.TARGETS)
+        if min_snr_gamma is not None:
+            raise ValueError(f"min_snr_gamma {min_snr_gamma!r} is a ddpm-family weighting; an edm stage needs None")
+        return torch.ones_like(sigma, dtype=torch.float32)
+
+    def sample_times(self, batch, device, generator=None):
+        """Training σ with ln σ ~ N(P_mean, P_std²) (Table 1), float [batch]."""
+        normal = torch.randn(batch, device=device, generator=generator)  # [batch]
+        return (self.p_mean + self.p_std * normal).exp()
+
+    def time_for_noise_level(self, level, batch, device):
+        """σ = tan(π/2 level) for levels in [0, 1], capped at σ_max: the SNR of the cosine schedule at `level`."""
+        return (_noise_levels(level, batch, device) * math.pi / 2).tan().clamp(max=self.sigma_max).float()  # cos² = 1 / (1 + σ²) (N&D Eq. 17, s=0)
+
+    def sampling_times(self, steps):
+        """The levels a sampler visits: `karras_sigmas`."""
+        return karras_sigmas(steps, self.sigma_min, self.sigma_max, self.rho)
+
+    def alphas_sigmas(self, sigmas):
+        """α = 1 and σ at each sampling level, then (1, 0) for the clean image, each [steps + 1]."""
+        return torch.ones(len(sigmas) + 1), torch.tensor([*sigmas, 0.0])
+
+
+def karras_sigmas(steps, sigma_min, sigma_max, rho):
+    """`steps` levels σ_max -> σ_min evenly spaced in σ^(1/ρ) (Karras et al. 2022, Eq. 5); one step is σ_max alone."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)  # [steps]
+    return ((sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho).tolist()
 
 
 def dynamic_threshold(x0, p=0.995):
@@ -184,17 +293,66 @@ def sampling_timesteps(T, steps):
     return torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long().tolist()
 
 
-def _alphas_sigmas(diffusion, timesteps):
-    """α and σ at each sampling time, then (1, 0) for the clean image, each [steps + 1]."""
-    alpha = torch.cat([diffusion.sqrt_alphas_cumprod[timesteps], diffusion.betas.new_ones(1)])  # [steps + 1]
-    sigma = torch.cat([diffusion.sqrt_one_minus_alphas_cumprod[timesteps], diffusion.betas.new_zeros(1)])
-    return alpha, sigma
+@dataclass(frozen=True)
+class Edit:
+    """A given image to start from and/or keep in part, applied by every sampler through `_run`."""
+    image: torch.Tensor  # [b or 1, c, h, w] in [-1, 1]
+    strength: float = 1.0  # SDEdit: run the last round(strength * steps) steps (Meng et al. 2022, arXiv 2108.01073)
+    keep: torch.Tensor = None  # [b or 1, 1, h, w], 1 where the image is kept (RePaint, arXiv 2201.09865)
+    resample: int = 1  # RePaint's U: each step runs U times, jumping back one step in between (Algorithm 1)
+
+    def __post_init__(self):
+        if not 0 <= self.strength <= 1:
+            raise ValueError(f"strength {self.strength!r} must be in [0, 1] (the fraction of the chain to run)")
+        if not isinstance(self.resample, int) or self.resample < 1:
+            raise ValueError(f"resample {self.resample!r} must be an integer >= 1 (runs of each step)")
+        if self.resample > 1 and self.keep is None:
+            raise ValueError(f"resample {self.resample} jumps back to harmonise kept pixels; it needs a mask (keep)")
+
+    def noised(self, x, alpha, sigma, generator):
+        """The image at level (α, σ), shaped like x: α image + σ eps with fresh eps (Ho et al. 2020, Eq. 4)."""
+        return alpha * self.image + sigma * _noise(x, generator)
+
+    def keep_known(self, x, alpha, sigma, generator):
+        """Kept pixels replaced by the image noised to x's level (RePaint, Eq. 8); x as it is without a mask."""
+        if self.keep is None:
+            return x
+        return self.keep * self.noised(x, alpha, sigma, generator) + (1 - self.keep) * x
+
+
+def _run(step, x, alpha, sigma, edit, generator):
+    """x at level 0 -> the clean image, `step(x, i)` taking level i to i+1, with an optional Edit.
+
+    The Edit starts at level steps - round(strength * steps) from the noised image, replaces kept pixels after
+    every step, and runs each step but the last `resample` times with a jump back between (RePaint Algorithm 1).
+    """
+    steps = len(alpha) - 1
+    if edit is None:
+        for i in range(steps):
+            x = step(x, i)
+        return x
+    first = steps - round(edit.strength * steps)
+    if first:
+        x = edit.noised(x, alpha[first], sigma[first], generator)  # SDEdit: the image noised to level `first`
+    x = edit.keep_known(x, alpha[first], sigma[first], generator)
+    for i in range(first, steps):
+        for u in range(edit.resample if i < steps - 1 else 1):
+            if u:
+                x = _jump_back(x, alpha, sigma, i, generator)
+            x = edit.keep_known(step(x, i), alpha[i + 1], sigma[i + 1], generator)
+    return x
+
+
+def _jump_back(x, alpha, sigma, i, generator):
+    """x at level i+1 -> level i by the forward process q(x_i | x_{i+1}) (RePaint Algorithm 1, line 10)."""
+    ratio = alpha[i] / alpha[i + 1]
+    return ratio * x + (sigma[i] ** 2 - (ratio * sigma[i + 1]) ** 2).clamp(min=0).sqrt() * _noise(x, generator)
 
 
 def _predict_x0(denoise, x, diffusion, t, target, threshold):
-    """The model's thresholded x0 prediction at integer time t, and t as LongTensor [b]."""
-    _check_target(target)
-    t_batch = torch.full(x.shape[:1], t, dtype=torch.long, device=x.device)  # [b]
+    """The model's thresholded x0 prediction at time t (an integer, or σ for EDM), and t as a tensor [b]."""
+    _check_target(target, diffusion.TARGETS)
+    t_batch = torch.full(x.shape[:1], t, device=x.device)  # [b]: long for integer times, float for σ
     x0, _ = diffusion.x0_eps_from_output(denoise(x, t_batch).float(), x, t_batch, target)
     return threshold(x0), t_batch
 
@@ -204,44 +362,79 @@ def _noise(x, generator):
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
-def sample_ddpm(denoise, x, diffusion, steps, *, target, threshold=dynamic_threshold, generator=None):
+def _check_family(name, diffusion, family):
+    if not isinstance(diffusion, family):
+        raise ValueError(f"sampler {name} runs on {family.__name__} diffusions only, got {type(diffusion).__name__}")
+
+
+def sample_ddpm(denoise, x, diffusion, steps, *, target, threshold=dynamic_threshold, generator=None, edit=None):
     """Ancestral sampling (Ho et al. 2020, Algorithm 2); steps < T uses the respaced chain (Nichol & Dhariwal 2021)."""
+    _check_family("ddpm", diffusion, Diffusion)
     timesteps = sampling_timesteps(diffusion.num_timesteps, steps)
     chain = diffusion.respaced(timesteps).to(x.device)
-    for chain_t, t in zip(range(steps - 1, -1, -1), timesteps):
-        x0, t_batch = _predict_x0(denoise, x, diffusion, t, target, threshold)
-        mean, variance, _ = chain.posterior(x0, x, torch.full_like(t_batch, chain_t))
-        x = mean + variance.sqrt() * _noise(x, generator)  # variance is 0 on the last step: x = x0
-    return x
+
+    def step(x, i):
+        x0, t_batch = _predict_x0(denoise, x, diffusion, timesteps[i], target, threshold)
+        mean, variance, _ = chain.posterior(x0, x, torch.full_like(t_batch, steps - 1 - i))
+        return mean + variance.sqrt() * _noise(x, generator)  # variance is 0 on the last step: x = x0
+    return _run(step, x, *diffusion.alphas_sigmas(timesteps), edit, generator)
 
 
-def sample_ddim(denoise, x, diffusion, steps, *, target, threshold=dynamic_threshold, generator=None, eta=0.0):
-    """DDIM over respaced timesteps, deterministic at eta = 0 (Song et al. 2021, Eq. 12 and 16)."""
-    timesteps = sampling_timesteps(diffusion.num_timesteps, steps)
-    alpha, sigma = _alphas_sigmas(diffusion, timesteps)
-    for i, t in enumerate(timesteps):
-        x0, t_batch = _predict_x0(denoise, x, diffusion, t, target, threshold)
-        eps = diffusion.eps_from_x0(x, t_batch, x0)
+def sample_ddim(denoise, x, diffusion, steps, *, target, threshold=dynamic_threshold, generator=None, edit=None,
+                eta=0.0):
+    """DDIM, deterministic at eta = 0 (Song et al. 2021, Eq. 12 and 16); on EDM it is Euler (Karras et al. 2022, §3)."""
+    times = diffusion.sampling_times(steps)
+    alpha, sigma = diffusion.alphas_sigmas(times)
+
+    def step(x, i):
+        x0, t_batch = _predict_x0(denoise, x, diffusion, times[i], target, threshold)
+        eps = (x - alpha[i] * x0) / sigma[i]
         noise_std = eta * sigma[i + 1] / sigma[i] * (1 - (alpha[i] / alpha[i + 1]) ** 2).sqrt()  # Eq. 16
         x = alpha[i + 1] * x0 + (sigma[i + 1] ** 2 - noise_std ** 2).clamp(min=0).sqrt() * eps  # Eq. 12
-        x = x + noise_std * _noise(x, generator)
-    return x
+        return x + noise_std * _noise(x, generator)
+    return _run(step, x, alpha, sigma, edit, generator)
 
 
-def sample_dpmpp_2m(denoise, x, diffusion, steps, *, target, threshold=dynamic_threshold, generator=None):
+def sample_dpmpp_2m(denoise, x, diffusion, steps, *, target, threshold=dynamic_threshold, generator=None, edit=None):
     """DPM-Solver++(2M), multistep in data prediction (Lu et al. 2022, arXiv 2211.01095, Algorithm 2)."""
-    del generator  # deterministic: the shared signature accepts one
-    timesteps = sampling_timesteps(diffusion.num_timesteps, steps)
-    alpha, sigma = _alphas_sigmas(diffusion, timesteps)
+    times = diffusion.sampling_times(steps)
+    alpha, sigma = diffusion.alphas_sigmas(times)
     lam = alpha.log() - sigma.log()  # λ = log(α / σ), [steps + 1]
-    for i, t in enumerate(timesteps):
-        x0, _ = _predict_x0(denoise, x, diffusion, t, target, threshold)
+    x0s = {}  # step -> x0 prediction; keyed so that a step rerun by Edit.resample reads the previous step's
+
+    def step(x, i):
+        x0s[i] = x0 = _predict_x0(denoise, x, diffusion, times[i], target, threshold)[0]
+        x0s.pop(i - 2, None)
         if i == steps - 1:
-            return x0  # from t = 0 the last step lands on the clean image (σ = 0): x = x0
+            return x0  # the last step lands on the clean image (σ = 0): x = x0
         h = lam[i + 1] - lam[i]
         # D = (1 + 1/2r) x0 - (1/2r) x0_prev with r = h_prev / h; first order on the first step and on the step
         # onto t = 0, whose large h makes extrapolation unstable (Lu et al.'s code, lower_order_final).
-        second_order = 0 < i < steps - 2
-        d = x0 + (x0 - x0_prev) * h / (2 * (lam[i] - lam[i - 1])) if second_order else x0
-        x = sigma[i + 1] / sigma[i] * x - alpha[i + 1] * torch.expm1(-h) * d
-        x0_prev = x0
+        second_order = i - 1 in x0s and i < steps - 2
+        d = x0 + (x0 - x0s[i - 1]) * h / (2 * (lam[i] - lam[i - 1])) if second_order else x0
+        return sigma[i + 1] / sigma[i] * x - alpha[i + 1] * torch.expm1(-h) * d
+    return _run(step, x, alpha, sigma, edit, generator)
+
+
+def sample_heun(denoise, x, diffusion, steps, *, target, threshold=dynamic_threshold, generator=None, edit=None,
+                s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0):
+    """Heun's 2nd-order method on Karras σ steps, stochastic with s_churn > 0 (Karras et al. 2022, Algorithm 2)."""
+    _check_family("heun", diffusion, EDM)
+    sigmas = diffusion.sampling_times(steps)
+    alpha, sigma = diffusion.alphas_sigmas(sigmas)
+
+    def slope(x, s):
+        """dx/dσ = (x - D(x; σ)) / σ, the ODE of Eq. 1 with the score of Eq. 3 and σ(t) = t."""
+        return (x - _predict_x0(denoise, x, diffusion, s, target, threshold)[0]) / s
+
+    def step(x, i):
+        gamma = min(s_churn / steps, 2 ** 0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.0  # γ_i
+        s_hat = sigmas[i] * (1 + gamma)
+        if gamma > 0:  # lines 4-6: raise the noise level to σ̂
+            x = x + (s_hat ** 2 - sigmas[i] ** 2) ** 0.5 * s_noise * _noise(x, generator)
+        d = slope(x, s_hat)
+        x_next = x + (sigma[i + 1] - s_hat) * d  # line 8: Euler
+        if i == steps - 1:
+            return x_next  # σ = 0: Euler alone (line 9)
+        return x + (sigma[i + 1] - s_hat) * (d + slope(x_next, sigmas[i + 1])) / 2  # line 11: the trapezoid
+    return _run(step, x, alpha, sigma, edit, generator)

@@ -4,6 +4,7 @@
 whole). `Imagen` chains stages: a base model, then super-resolution models conditioned on the previous stage's
 output (Imagen, arXiv 2205.11487 §2.4). Images are in [-1, 1] inside, [0, 1] at the edges.
 """
+import dataclasses
 import os
 import pickle
 import re
@@ -13,11 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import registry
-from diffusion import Diffusion
 from unet import Unet
 
 # Per-stage settings merged under each stage's own (plain data, stored in every checkpoint).
 STAGE_DEFAULTS = dict(
+    family="ddpm",               # registry.FAMILIES: ddpm, or edm (Karras et al. 2022; schedule, timesteps unused)
     schedule="cosine", timesteps=1000, target="v", min_snr_gamma=5.0,  # Min-SNR-γ (arXiv 2303.09556)
     cond_drop_prob=0.1,          # classifier-free guidance training (Ho & Salimans 2022)
     lowres_aug_max=0.5,          # noise-conditioning augmentation levels drawn from [0, max] (Imagen App. E)
@@ -51,8 +52,8 @@ class Stage(nn.Module):
         self.size, self.lowres_size = size, lowres_size
         self.settings = stage_config(settings)
         self.unet = Unet(**unet_kwargs, text_embed_dim=text_embed_dim, lowres_cond=lowres_size is not None)
-        s = self.settings
-        self.diffusion = Diffusion(registry.SCHEDULES[s["schedule"]](s["timesteps"]))
+        self.family = registry.FAMILIES[self.settings["family"]]
+        self.diffusion = self.family["make"](self.settings)
 
     def noised_lowres(self, images, level=None, generator=None):
         """The low-res condition: noised at `level` (a fraction of T), or at random levels for training."""
@@ -61,10 +62,10 @@ class Stage(nn.Module):
             level = torch.rand(b, device=images.device) * self.settings["lowres_aug_max"]  # [b]
         t = d.time_for_noise_level(level, b, images.device)  # [b]
         noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
-        return d.q_sample(images, t, noise), d.model_time(t)
+        return d.model_input(d.q_sample(images, t, noise), t), d.model_time(t)
 
     def forward(self, images, text_embeds, text_mask):
-        """Diffusion training loss for images [b, c, size, size] in [-1, 1] (Min-SNR weighted)."""
+        """Diffusion training loss for images [b, c, size, size] in [-1, 1] (Min-SNR or EDM weighted)."""
         d, s = self.diffusion, self.settings
         lowres = {}
         if self.lowres_size is not None:  # normalise -> down -> up -> noise, exactly as at sampling
@@ -73,29 +74,45 @@ class Stage(nn.Module):
         t = d.sample_times(images.shape[0], images.device)  # [b]
         noise = torch.randn_like(images)
         x_t = d.q_sample(images, t, noise)
-        out = self.unet(x_t, d.model_time(t), text_embeds, text_mask, cond_drop_prob=s["cond_drop_prob"], **lowres)
+        out = self.unet(d.model_input(x_t, t), d.model_time(t), text_embeds, text_mask,
+                        cond_drop_prob=s["cond_drop_prob"], **lowres)
         target = d.training_target(images, noise, t, s["target"])
         mse = (out.float() - target).pow(2).mean(dim=(1, 2, 3))  # [b]
         return (mse * d.loss_weight(t, s["target"], s["min_snr_gamma"])).mean()
 
+    def check_sampler(self, sampler, k):
+        """ValueError naming the sampler and why, if it cannot run on this stage's diffusion family."""
+        family = self.settings["family"]
+        why = self.family["refuses"].get(registry.SAMPLERS.canonical(sampler))
+        if why:
+            raise ValueError(f"sampler {sampler!r} cannot run on U-Net {k} ({family} diffusion): {why}; "
+                             f"use one of {', '.join(self.samplers())}")
+
+    def samplers(self):
+        """The registered samplers that run on this stage."""
+        return [name for name in registry.SAMPLERS.names() if name not in self.family["refuses"]]
+
     @torch.no_grad()
     def sample(self, text_embeds, text_mask, prev=None, *, sampler, steps, cond_scale, lowres_noise, threshold,
-               generator=None):
-        """Images [b, c, size, size] in [-1, 1] from noise, conditioned on text and the previous stage's output."""
+               generator=None, edit=None):
+        """Images [b, c, size, size] in [-1, 1] from noise, conditioned on text and the previous stage's output.
+
+        `edit` (a diffusion.Edit at this size, in [-1, 1]) starts from and/or keeps part of a given image.
+        """
         b, d = text_embeds.shape[0], self.diffusion
         lowres = {}
-        if self.lowres_size is not None:
-            lowres["lowres_img"], lowres["lowres_noise_time"] = self.noised_lowres(resize(prev, self.size),
-                                                                                   lowres_noise, generator)
+        if self.lowres_size is not None:  # a larger given image goes down to lowres_size first, as in training
+            small = resize(resize(prev, self.lowres_size), self.size)  # [b, c, size, size]
+            lowres["lowres_img"], lowres["lowres_noise_time"] = self.noised_lowres(small, lowres_noise, generator)
 
         def denoise(x, t):
-            return self.unet.forward_with_cond_scale(x, d.model_time(t), text_embeds, text_mask,
+            return self.unet.forward_with_cond_scale(d.model_input(x, t), d.model_time(t), text_embeds, text_mask,
                                                      cond_scale=cond_scale, **lowres).float()
 
         shape = (b, self.unet.channels, self.size, self.size)
-        x = torch.randn(shape, device=text_embeds.device, generator=generator)
+        x = d.prior_std * torch.randn(shape, device=text_embeds.device, generator=generator)
         return registry.SAMPLERS[sampler](denoise, x, d, steps, target=self.settings["target"],
-                                          threshold=threshold, generator=generator)
+                                          threshold=threshold, generator=generator, edit=edit)
 
 
 def fixed_noise_loss(stage, images, text_embeds, text_mask, seed):
@@ -134,12 +151,18 @@ class Imagen(nn.Module):
         self.config = config
         self.stages = build_stages(config)
 
+    def samplers(self):
+        """The registered samplers that run on every stage."""
+        return [name for name in registry.SAMPLERS.names() if all(name in s.samplers() for s in self.stages)]
+
     @torch.no_grad()
     def sample(self, text_embeds, text_mask, *, stop_at=None, start_at=0, start_images=None, generator=None,
-               **options):
+               edit=None, **options):
         """Run stages [start_at, stop_at) on text embeddings [b, n, d]; images [b, c, s, s] in [0, 1].
 
-        `options` override the config's sampling settings; steps and cond_scale may be per-stage lists.
+        `options` override the config's sampling settings; sampler, steps and cond_scale may be per-stage lists.
+        `edit`, a diffusion.Edit with its image in [0, 1] at any size, applies at stage start_at (resized to it);
+        with a mask (keep) the later stages keep the image's pixels at their sizes too.
         """
         n = len(self.stages)
         stop_at = n if stop_at is None else stop_at
@@ -151,12 +174,25 @@ class Imagen(nn.Module):
                 **{k: v for k, v in options.items() if v is not None}}
         threshold = make_threshold(opts["threshold"], opts["threshold_p"])
         steps, scales = per_stage(opts["steps"], n), per_stage(opts["cond_scale"], n)
+        samplers = per_stage(opts["sampler"], n)
+        for k in range(start_at, stop_at):
+            self.stages[k].check_sampler(samplers[k], k)
         images = None if start_images is None else start_images * 2 - 1
         for k in range(start_at, stop_at):
-            images = self.stages[k].sample(text_embeds, text_mask, images, sampler=opts["sampler"], steps=steps[k],
+            images = self.stages[k].sample(text_embeds, text_mask, images, sampler=samplers[k], steps=steps[k],
                                            cond_scale=scales[k], lowres_noise=opts["lowres_noise"],
-                                           threshold=threshold, generator=generator)
+                                           threshold=threshold, generator=generator,
+                                           edit=stage_edit(edit, self.stages[k].size, k == start_at))
         return ((images + 1) / 2).clamp(0, 1)
+
+
+def stage_edit(edit, size, first):
+    """An Edit (image in [0, 1]) at one stage: resized, in [-1, 1]; after the first stage only with a mask, in full."""
+    if edit is None or not (first or edit.keep is not None):
+        return None
+    keep = None if edit.keep is None else resize(edit.keep, size)  # [b, 1, size, size]
+    return dataclasses.replace(edit, image=resize(edit.image * 2 - 1, size), keep=keep,
+                               strength=edit.strength if first else 1.0)
 
 
 def make_threshold(name, p):

@@ -43,6 +43,17 @@ SAMPLERS = Registry("sampler", {
     "ddpm": diffusion.sample_ddpm,
     "ddim": diffusion.sample_ddim,
     "dpmpp-2m": diffusion.sample_dpmpp_2m,
+    "heun": diffusion.sample_heun,
+})
+
+# Diffusion families: how a stage's settings (imagen.STAGE_DEFAULTS) make its diffusion, and the samplers that
+# cannot run on it, with why.
+FAMILIES = Registry("diffusion family", {
+    "ddpm": dict(make=lambda s: diffusion.Diffusion(SCHEDULES[s["schedule"]](s["timesteps"])),
+                 refuses={"heun": "EDM's Algorithm 2 evaluates the model at any σ; a ddpm stage knows T discrete times"}),
+    # EDM (Karras et al. 2022): its schedule and timesteps settings are unused
+    "edm": dict(make=lambda s: diffusion.EDM(),
+                refuses={"ddpm": "its ancestral step is the posterior of a discrete chain; an edm stage has none"}),
 })
 
 THRESHOLDS = Registry("threshold", {

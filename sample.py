@@ -1,6 +1,8 @@
 """Sample a trained cascade: `python sample.py --ckpt out --prompt "a red circle above a blue square"`.
 
 Writes one PNG per image plus a grid, and prints their paths. Uses the EMA weights unless --no-ema.
+Edits a given image with --init-image (SDEdit), --inpaint/--mask (RePaint), or super-resolves one with
+--start-at-unet K --image PATH.
 """
 import argparse
 import os
@@ -10,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import diffusion
 import imagen
 import registry
 import text
@@ -19,8 +22,8 @@ def add_sampling_args(p):
     """Flags shared by sample.py and eval.py; unset ones fall back to the checkpoint's stored defaults."""
     a = p.add_argument
     a("--ckpt", required=True, help="training --out folder, or one unetK.pt file in it")
-    a("--sampler", default=None,
-      help=f"sampler: {', '.join(registry.SAMPLERS.names())} (default: {imagen.SAMPLING_DEFAULTS['sampler']})")
+    a("--sampler", default=None, help=f"sampler, one value or a comma list per U-Net: "
+      f"{', '.join(registry.SAMPLERS.names())} (default: {imagen.SAMPLING_DEFAULTS['sampler']}; heun for edm U-Nets)")
     a("--steps", default=None, help="sampler steps, one value or a comma list per U-Net")
     a("--cond-scale", default=None, help="classifier-free guidance scale, one value or a comma list per U-Net")
     a("--lowres-noise", type=float, default=None, help="noise level (fraction of T) added to low-res conditions")
@@ -41,7 +44,7 @@ def comma_list(value, cast):
 def load_for_sampling(args):
     """(cascade, stop_at, text cache) from the sampling flags, with every name checked before any work."""
     if args.sampler is not None:
-        args.sampler = registry.SAMPLERS.canonical(args.sampler)
+        args.sampler = ",".join(registry.SAMPLERS.canonical(name) for name in args.sampler.split(","))
     if args.threshold is not None:
         args.threshold = registry.THRESHOLDS.canonical(args.threshold)
     cascade, trained = imagen.load_cascade(args.ckpt, args.device, ema=not args.no_ema)
@@ -54,18 +57,74 @@ def load_for_sampling(args):
     return cascade, stop_at, cache
 
 
-def generate(cascade, cache, prompts, stop_at, args):
-    """Images [n, 3, s, s] in [0, 1] for a list of prompts, sampled in batches with one seeded generator."""
+def generate(cascade, cache, prompts, stop_at, args, start_at=0, start_images=None, edit=None):
+    """Images [n, 3, s, s] in [0, 1] for a list of prompts, sampled in batches with one seeded generator.
+
+    start_images [1, 3, h, w] and an Edit's tensors apply to every prompt (see imagen.Imagen.sample).
+    """
     generator = torch.Generator(args.device).manual_seed(args.seed)
-    options = dict(sampler=args.sampler, steps=comma_list(args.steps, int), lowres_noise=args.lowres_noise,
+    options = dict(sampler=comma_list(args.sampler, str), steps=comma_list(args.steps, int),
+                   lowres_noise=args.lowres_noise,
                    cond_scale=comma_list(args.cond_scale, float), threshold=args.threshold,
                    threshold_p=args.threshold_p)
     out = []
     for i in range(0, len(prompts), args.batch_size):
         emb, mask = cache(prompts[i:i + args.batch_size])  # [b, n, d], [b, n]
-        out.append(cascade.sample(emb.to(args.device), mask.to(args.device), stop_at=stop_at,
-                                  generator=generator, **options).cpu())
+        start = None if start_images is None else start_images.to(args.device).expand(len(emb), -1, -1, -1)
+        out.append(cascade.sample(emb.to(args.device), mask.to(args.device), stop_at=stop_at, start_at=start_at,
+                                  start_images=start, edit=edit, generator=generator, **options).cpu())
     return torch.cat(out)
+
+
+def add_edit_args(p):
+    """Flags that give sample.py an image to edit or super-resolve."""
+    a = p.add_argument
+    a("--init-image", default=None, help="image to start from (SDEdit, arXiv 2108.01073), resized to the first U-Net")
+    a("--strength", type=float, default=None, help="fraction of the chain run from the noised image: 0 returns it, "
+      "1 ignores it (default: 0.6 with --init-image, 1 with --inpaint)")
+    a("--inpaint", default=None, help="image whose pixels outside --mask are kept (RePaint, arXiv 2201.09865)")
+    a("--mask", default=None, help="with --inpaint: white where new content is painted, black where the image is kept")
+    a("--resample", type=int, default=1, help="with --inpaint: runs of each step, jumping back between (RePaint's U)")
+    a("--start-at-unet", type=int, default=None, help="with --image: super-resolve it through U-Nets K, K+1, ...")
+    a("--image", default=None, help="with --start-at-unet K: the low-res input of U-Net K (resized to its input size)")
+
+
+def load_image(path, flag, mode="RGB"):
+    """A square image file as [1, c, h, w] in [0, 1]; ValueError naming the flag and file otherwise."""
+    try:
+        image = Image.open(path).convert(mode)
+    except OSError as e:  # missing or not an image
+        raise ValueError(f"{flag} {path!r}: cannot read it as an image ({e.__class__.__name__})") from None
+    if image.width != image.height:
+        raise ValueError(f"{flag} {path!r} is {image.width}x{image.height}; give a square image")
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255)  # [h, w] or [h, w, c]
+    return pixels.reshape(image.height, image.width, -1).permute(2, 0, 1)[None]  # [1, c, h, w]
+
+
+def edit_from_args(args, stop_at):
+    """(start_at, start_images, Edit or None) from the image flags; ValueError for a combination that makes no sense."""
+    given = args.init_image or args.inpaint
+    if args.init_image and args.inpaint:
+        raise ValueError("give --init-image or --inpaint, not both: each is the image to edit")
+    if args.strength is not None and not given:
+        raise ValueError(f"--strength {args.strength} needs --init-image or --inpaint (the image to noise)")
+    if (args.inpaint is None) != (args.mask is None):
+        raise ValueError("--inpaint PATH and --mask PATH go together: the image and where to paint")
+    if args.resample != 1 and args.mask is None:
+        raise ValueError(f"--resample {args.resample} needs --inpaint and --mask: it harmonises the kept pixels")
+    if (args.start_at_unet is None) != (args.image is None):
+        raise ValueError("--start-at-unet K and --image PATH go together: the U-Net to start at and its low-res input")
+    start_at = args.start_at_unet or 0
+    if args.start_at_unet is not None and not 1 <= start_at < stop_at:
+        raise ValueError(f"--start-at-unet {start_at} out of range: this run samples U-Nets 0..{stop_at - 1}, "
+                         "and U-Net 0 (the base) takes no image; use --init-image for it")
+    start_images = None if args.image is None else load_image(args.image, "--image")
+    if not given:
+        return start_at, start_images, None
+    strength = args.strength if args.strength is not None else 1.0 if args.inpaint else 0.6
+    keep = None if args.mask is None else 1 - load_image(args.mask, "--mask", "L").to(args.device)
+    image = load_image(given, "--init-image" if args.init_image else "--inpaint").to(args.device)
+    return start_at, start_images, diffusion.Edit(image, strength, keep, args.resample)
 
 
 def to_pil(image):
@@ -91,6 +150,7 @@ def slug(prompt):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_sampling_args(p)
+    add_edit_args(p)
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", default=None, help="a text file with one prompt per line")
     p.add_argument("--n-per-prompt", type=int, default=1, help="images per prompt")
@@ -102,12 +162,12 @@ def main(argv=None):
             prompts += [line.strip() for line in f if line.strip()]
     if not prompts:
         p.error("give at least one --prompt or a --prompts file")
+    prompts = [q for q in prompts for _ in range(args.n_per_prompt)]
     try:
         cascade, stop_at, cache = load_for_sampling(args)
+        images = generate(cascade, cache, prompts, stop_at, args, *edit_from_args(args, stop_at))
     except ValueError as e:
         p.error(str(e))
-    prompts = [q for q in prompts for _ in range(args.n_per_prompt)]
-    images = generate(cascade, cache, prompts, stop_at, args)
     os.makedirs(args.out, exist_ok=True)
     for i, (image, prompt) in enumerate(zip(images, prompts)):
         path = os.path.join(args.out, f"{i:03d}-{slug(prompt)}.png")

@@ -60,10 +60,13 @@ def parse_args(argv=None):
     a("--channels-last", default="1", help="channels_last memory format per U-Net: 1 or 0 (comma list or one value)")
     a("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
       help="torch.compile each stage, in this mode (reduce-overhead: CUDA graphs, for small U-Nets on a GPU)")
-    a("--target", default="v", help="prediction target per U-Net: eps, x0 or v (comma list or one value)")
+    a("--family", default="ddpm", help="diffusion family per U-Net: " + ", ".join(registry.FAMILIES.names())
+      + " (EDM, Karras et al. 2022: log-normal σ, preconditioned, heun sampler; comma list or one value)")
+    a("--target", default=None, help="prediction target per U-Net: eps, x0 or v for ddpm (default v); edm for edm "
+      "(comma list or one value)")
     a("--schedule", default="cosine", help="noise schedule per U-Net: " + ", ".join(registry.SCHEDULES.names()))
     a("--timesteps", default="1000", help="diffusion steps T per U-Net")
-    a("--min-snr-gamma", default="5", help="Min-SNR-γ loss weighting per U-Net (0 = off)")
+    a("--min-snr-gamma", default="5", help="Min-SNR-γ loss weighting per U-Net (0 = off; ddpm U-Nets only)")
     a("--cond-drop-prob", type=float, default=0.1, help="probability of dropping the text (classifier-free guidance)")
     a("--cond-scale", default=None, help="default guidance scale per U-Net, stored for sampling (default: 3 for the "
       "base, 1 for super-resolution stages: measured best on shapes)")
@@ -107,18 +110,28 @@ def build_config(args, text_dim):
         raise ValueError(f"--sizes {args.sizes!r} gives {len(sizes)} sizes for {n} U-Nets {names}")
     if sizes != sorted(set(sizes)):
         raise ValueError(f"--sizes {args.sizes!r} must be strictly increasing")
-    per = dict(target=csv(args.target, str, n, "--target"), schedule=csv(args.schedule, str, n, "--schedule"),
+    families = [registry.FAMILIES.canonical(f) for f in csv(args.family, str, n, "--family")]
+    targets = (["edm" if f == "edm" else imagen.STAGE_DEFAULTS["target"] for f in families] if args.target is None
+               else csv(args.target, str, n, "--target"))
+    for k, (family, target) in enumerate(zip(families, targets)):
+        if (family == "edm") != (target == "edm"):
+            raise ValueError(f"--target {target!r} for U-Net {k} ({family}): edm U-Nets take edm, ddpm ones eps, x0 or v")
+    per = dict(target=targets, schedule=csv(args.schedule, str, n, "--schedule"),
                timesteps=csv(args.timesteps, int, n, "--timesteps"),
                min_snr_gamma=csv(args.min_snr_gamma, float, n, "--min-snr-gamma"))
     stages = []
     for k, name in enumerate(names):
         stages.append(dict(unet=registry.UNETS.canonical(name), unet_kwargs=dict(registry.UNETS[name]),
                            size=sizes[k], target=per["target"][k], schedule=registry.SCHEDULES.canonical(per["schedule"][k]),
-                           timesteps=per["timesteps"][k], min_snr_gamma=per["min_snr_gamma"][k] or None,
-                           cond_drop_prob=args.cond_drop_prob))
+                           timesteps=per["timesteps"][k], cond_drop_prob=args.cond_drop_prob,
+                           min_snr_gamma=None if families[k] == "edm" else per["min_snr_gamma"][k] or None))
+        if families[k] != imagen.STAGE_DEFAULTS["family"]:  # only then: runs from before --family still resume
+            stages[k]["family"] = families[k]
     scales = [3.0] + [1.0] * (n - 1) if args.cond_scale is None else csv(args.cond_scale, float, n, "--cond-scale")
     sampling = dict(cond_scale=scales,
                     steps=csv(args.sample_steps, int, n, "--sample-steps"), lowres_noise=args.lowres_noise)
+    if "edm" in families:  # EDM's Algorithm 2 on edm U-Nets
+        sampling["sampler"] = ["heun" if f == "edm" else imagen.SAMPLING_DEFAULTS["sampler"] for f in families]
     return dict(encoder=args.encoder, text_embed_dim=text_dim,
                 max_text_len=max(s["unet_kwargs"]["max_text_len"] for s in stages),
                 stages=stages, sampling=sampling, holdout=args.holdout)
