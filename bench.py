@@ -29,9 +29,11 @@ import data
 import imagen
 import registry
 import sample
+from diffusion import Edit
 import text
 import train
 from eval import EVAL_SEED, JUDGE_KEYS, score
+from sample import save_grid
 
 WARMUP = 2  # untimed steps first: allocator warm-up, and torch.compile's compilation
 TEXT_BATCH, TEXT_LEN = 64, 32  # captions per encoder call, tokens per caption in the text section
@@ -55,6 +57,8 @@ def parse_args(argv=None):
     a("--sample-batch-size", type=int, default=24, help="sample: images sampled at once, the same for every run")
     a("--single-n", type=int, default=8, help="sample: prompts for batched vs two-pass guidance one image at a time")
     a("--text-captions", type=int, default=512, help=f"text: captions encoded per encoder (batches of {TEXT_BATCH})")
+    a("--resample", type=int, default=5, help="inpaint: RePaint's jumps back per step in the resampled row")
+    a("--inpaint-grid", default=None, help="inpaint: save 8 inputs beside their resampled inpaintings here")
     a("--data-images", type=int, default=512, help="data: JPEGs written for the loader rows")
     a("--data-captions", type=int, default=50_000, help="data: captions cached for the open-files row")
     a("--data-steps", type=int, default=10_000, help="data: cache reads of 32 captions for the open-files row")
@@ -271,6 +275,58 @@ def bench_sample(args):
     return rows
 
 
+# ---- inpaint: repaint one object of a two-object scene with a new colour and shape ----
+
+INPAINT_MARGIN = 0.04  # the erased box reaches this far (fraction of the width) past the object's bounding box
+
+
+def inpaint_case(rng, size):
+    """A two-object scene at size px, a keep mask [1, s, s] (0 over its second object's box) and a caption giving
+    that object another colour (not the first's) and another shape."""
+    scene, caption = data.sample_scene(rng)
+    while len(scene) != 2:
+        scene, caption = data.sample_scene(rng)
+    first, second = scene
+    parsed = data.parse_caption(caption)
+    color = str(rng.choice([c for c in data.COLORS if c not in (first.color, second.color)]))
+    shape = str(rng.choice([s for s in data.SHAPES if s != second.shape]))
+    new = data.Caption((parsed.objects[0], (color, shape, None)), parsed.direction).text()
+    half = np.array(data.HALF_EXTENT[second.shape]) * second.r + INPAINT_MARGIN  # (x, y) half box
+    xs, ys = (np.arange(size) + 0.5) / size, ((np.arange(size) + 0.5) / size)[:, None]
+    erase = (np.abs(xs - second.x) <= half[0]) & (np.abs(ys - second.y) <= half[1])  # [s, s]
+    image = torch.from_numpy(data.render(scene, size)).permute(2, 0, 1).float() / 255  # [3, s, s]
+    return image, torch.from_numpy(~erase).float()[None], new
+
+
+def bench_inpaint(args):
+    """Rows: RePaint inpainting of --n-eval scenes (judge scores of the new caption, max change of kept pixels)
+    against sampling the same captions from scratch."""
+    cascade, stop_at, cache = sample.load_for_sampling(sampling_args(args))
+    size = cascade.stages[stop_at - 1].size
+    cases = [inpaint_case(np.random.default_rng((EVAL_SEED, i)), size) for i in range(args.n_eval)]
+    images, keeps, captions = torch.stack([c[0] for c in cases]), torch.stack([c[1] for c in cases]), \
+        [c[2] for c in cases]
+    rows = []
+    for resample in (None, 1, args.resample):
+        generator, out, start = torch.Generator(args.device).manual_seed(0), [], time.perf_counter()
+        for i in range(0, len(captions), args.sample_batch_size):
+            part = slice(i, i + args.sample_batch_size)
+            edit = None if resample is None else Edit(images[part].to(args.device), keep=keeps[part].to(args.device),
+                                                      resample=resample)
+            emb, mask = cache(captions[part])
+            out.append(cascade.sample(emb.to(args.device), mask.to(args.device), stop_at=stop_at, edit=edit,
+                                      generator=generator).cpu())
+        out = torch.cat(out)  # [n, 3, s, s] in [0, 1]
+        kept = ((out - images).abs() * keeps).amax().item()  # the largest change of a kept pixel
+        rows.append(dict(mode="from scratch" if resample is None else f"inpaint, resample {resample}",
+                         n=len(captions), **score(out, captions),
+                         max_kept_pixel_change=None if resample is None else round(kept, 6),
+                         s_per_image=round((time.perf_counter() - start) / len(captions), 4)))
+        if resample == args.resample and args.inpaint_grid:
+            save_grid(torch.stack((images[:8], out[:8]), 1).flatten(0, 1), args.inpaint_grid, nrow=8)
+    return rows
+
+
 # ---- text: encoders vs cache reads ----
 
 def tiny_t5(folder):
@@ -430,7 +486,8 @@ def markdown(rows):
     return "\n".join(lines + ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows])
 
 
-SECTIONS = dict(train=bench_train, profile=bench_profile, sample=bench_sample, text=bench_text, data=bench_data)
+SECTIONS = dict(train=bench_train, profile=bench_profile, sample=bench_sample, text=bench_text, data=bench_data,
+                inpaint=bench_inpaint)
 
 
 def main(argv=None):

@@ -333,7 +333,7 @@ def write_grid(cascade, trainers, cache, k, path, heldout, start_at=0):
         images = cascade.sample(emb.to(device), mask.to(device), stop_at=k + 1, start_at=start_at,
                                 start_images=start_images, generator=torch.Generator(device).manual_seed(0))
     save_grid(images, path, nrow=4)
-    return path, prompts
+    return prompts
 
 
 def train_stage(args, config, cascade, trainers, k, cache, dataset, heldout, log):
@@ -344,13 +344,14 @@ def train_stage(args, config, cascade, trainers, k, cache, dataset, heldout, log
     loader = make_loader(args, dataset, t.position, t.rank, t.world)
     stream = batches(loader, cache, stage_cfg["size"], t.device, t)
     bar = tqdm(total=args.step_limits[k] or None, initial=t.step, desc=f"unet{k} {stage_cfg['unet']}", disable=t.rank != 0)
+    shown = {}  # the tqdm line's last held-out loss
     while not t.finished():
         start = time.perf_counter()
         loss, finite = t.step_on([next(stream) for _ in range(args.grad_accum)])
         t.elapsed += time.perf_counter() - start
         ips = args.batch_size * args.grad_accum * t.world / (time.perf_counter() - start)
         bar.update(int(finite))
-        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.1f}")
+        bar.set_postfix(loss=f"{loss:.4f}", **shown, img_s=f"{ips:.1f}")
         if not finite:
             log(dict(unet=k, step=t.step, event="non-finite loss, step skipped", loss=loss))
             if t.bad_steps >= MAX_BAD_STEPS:
@@ -364,11 +365,11 @@ def train_stage(args, config, cascade, trainers, k, cache, dataset, heldout, log
             t.save(config)
         if args.sample_every and t.step % args.sample_every == 0 and t.rank == 0:
             grid = os.path.join(args.out, f"samples-unet{k}-{t.step:06d}.png")
-            _, prompts = write_grid(cascade, trainers, cache, k, grid, heldout, grid_start(args, k))
+            prompts = write_grid(cascade, trainers, cache, k, grid, heldout, grid_start(args, k))
             log(dict(unet=k, step=t.step, event="grid", path=grid, prompts=prompts))
         if args.eval_every and t.step % args.eval_every == 0 and t.rank == 0:
             held = heldout_loss(t, stage_cfg["size"], heldout, cache)
-            bar.set_postfix(loss=f"{loss:.4f}", heldout=f"{held:.4f}", img_s=f"{ips:.1f}")
+            shown["heldout"] = f"{held:.4f}"
             log(dict(unet=k, step=t.step, heldout_loss=held, minutes=round(t.elapsed / 60, 2)))
     bar.close()
     t.save(config)
@@ -447,8 +448,8 @@ def main(argv=None):
     for k in todo:
         train_stage(args, config, cascade, trainers, k, cache, train_set, heldout, log)
     if rank == 0:
-        path, prompts = write_grid(cascade, trainers, cache, max(todo), os.path.join(args.out, "samples.png"),
-                                   heldout, grid_start(args, max(todo)))
+        path = os.path.join(args.out, "samples.png")
+        prompts = write_grid(cascade, trainers, cache, max(todo), path, heldout, grid_start(args, max(todo)))
         log(dict(unet=max(todo), event="grid", path=path, prompts=prompts))
         print(f"checkpoints in {args.out}/, samples in {path}")
     if world > 1:
