@@ -8,6 +8,7 @@ beside its real image, and plots the held-out losses that training logged.
 """
 import argparse
 import json
+import math
 import os
 import time
 
@@ -40,30 +41,29 @@ def heldout_losses(cascade, stop_at, cache, images, captions, device):
             for stage in cascade.stages[:stop_at]]
 
 
-def plot_losses(log_path, png_path, width=640, height=360, pad=40):
-    """Plot the held-out loss of every stage in a training log.jsonl against its step, as a PNG."""
-    records = [json.loads(line) for line in open(log_path)]
+def plot_losses(log_path, png_path, width=640, panel=220, pad=44):
+    """Plot each stage's held-out loss in a training log.jsonl against its step (log scale), one panel a stage."""
     curves = {}
-    for r in records:
-        if r.get("heldout_loss") is not None:
-            curves.setdefault(r["unet"], {})[r["step"]] = r["heldout_loss"]  # a resumed run's repeats: the last
-    points = [(step, loss) for curve in curves.values() for step, loss in curve.items()]
-    (x0, x1), (y0, y1) = [(min(v), max(v) or 1) for v in zip(*points)]
-    image = Image.new("RGB", (width, height), "white")
+    for record in map(json.loads, open(log_path)):
+        if record.get("heldout_loss") is not None:  # a resumed run's repeated steps: the last value
+            curves.setdefault(record["unet"], {})[record["step"]] = math.log10(record["heldout_loss"])
+    image = Image.new("RGB", (width, panel * len(curves)), "white")
     draw = ImageDraw.Draw(image)
-    draw.rectangle((pad, pad // 2, width - pad // 2, height - pad), outline="black")
+    for row, (k, curve) in enumerate(sorted(curves.items())):
+        top, steps, logs = row * panel, sorted(curve), [curve[s] for s in sorted(curve)]
+        (x0, x1), (y0, y1) = (steps[0], max(steps[-1], steps[0] + 1)), (min(logs), max(max(logs), min(logs) + 1e-3))
+        box = (pad, top + pad // 2, width - pad // 2, top + panel - pad)  # left, top, right, bottom
 
-    def xy(step, loss):
-        return (pad + (step - x0) / max(x1 - x0, 1) * (width - 1.5 * pad),
-                height - pad - (loss - y0) / max(y1 - y0, 1e-9) * (height - 1.5 * pad))
-    for k, curve in sorted(curves.items()):
-        colour = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd")[k % 4]
-        draw.line([xy(s, loss) for s, loss in sorted(curve.items())], fill=colour, width=2)
-        draw.text((pad + 8, pad // 2 + 6 + 14 * k), f"unet{k} held-out loss", fill=colour)
-    draw.text((pad, height - pad + 6), f"step {x0}", fill="black")
-    draw.text((width - pad * 3, height - pad + 6), f"step {x1}", fill="black")
-    draw.text((4, pad // 2), f"{y1:.3f}", fill="black")
-    draw.text((4, height - pad - 10), f"{y0:.3f}", fill="black")
+        def xy(step, log):
+            return (box[0] + (step - x0) / (x1 - x0) * (box[2] - box[0]),
+                    box[3] - (log - y0) / (y1 - y0) * (box[3] - box[1]))
+        draw.rectangle(box, outline="black")
+        draw.line([xy(s, v) for s, v in zip(steps, logs)], fill="#d62728", width=2)
+        draw.text((box[0] + 8, box[1] + 6), f"unet{k}: held-out loss (log scale) vs step", fill="black")
+        draw.text((4, box[1]), f"{10 ** y1:.3f}", fill="black")
+        draw.text((4, box[3] - 10), f"{10 ** y0:.3f}", fill="black")
+        draw.text((box[0], box[3] + 6), f"{x0}", fill="black")
+        draw.text((box[2] - 40, box[3] + 6), f"{x1}", fill="black")
     image.save(png_path)
     return png_path
 

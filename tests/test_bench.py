@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import bench
+import data
 import imagen
 import registry
 from unet import Unet
@@ -44,11 +45,15 @@ def test_bench_writes_every_section(tmp_path):
     cache, ckpt, out = str(tmp_path / "cache"), str(tmp_path / "run"), tmp_path / "bench.json"
     run("train.py", "--unets", "base-test,super-test", "--sizes", "16,32", "--steps", "2", "--batch-size", "4",
         "--workers", "0", "--sample-steps", "2", "--timesteps", "20", "--out", ckpt, "--cache-dir", cache)
-    proc = run("bench.py", "--sections", "text,train,profile,sample", "--presets", "base-test", "--sizes", "32",
+    proc = run("bench.py", "--sections", "text,train,profile,sample,inpaint", "--presets", "base-test", "--sizes", "32",
                "--steps", "1", "--batch-size", "2", "--ckpt", ckpt, "--n-eval", "4", "--ref-eval-n", "6", "--sample-batch-size", "2",
-               "--single-n", "2", "--text-captions", "8", "--cache-dir", cache, "--json", str(out))
+               "--single-n", "2", "--text-captions", "8", "--cache-dir", cache, "--json", str(out), "--resample", "2",
+               "--inpaint-grid", str(tmp_path / "inpaint.png"))
     results = json.loads(out.read_text())
-    assert set(results) == {"machine", "text", "train", "profile", "sample", "targets"}
+    assert set(results) == {"machine", "text", "train", "profile", "sample", "inpaint", "targets"}
+    assert [r["mode"] for r in results["inpaint"]] == ["from scratch", "inpaint, resample 1", "inpaint, resample 2"]
+    assert all(r["max_kept_pixel_change"] < 1e-5 for r in results["inpaint"][1:])  # RePaint keeps what it is told to
+    assert (tmp_path / "inpaint.png").exists()
     assert "## targets" in proc.stdout and results["machine"]["threads"] >= 1
     assert {(r["encoder"], r["source"]) for r in results["text"]} == {
         (e, s) for e in ("minilm", "tiny-t5") for s in ("encode", "cache")}
@@ -107,3 +112,15 @@ def test_bench_data_section_measures_loaders_precompute_and_open_files(tmp_path)
     assert all(r["value"] > 0 for r in rows)
     files = next(r for r in rows if r["measure"].startswith("open files"))
     assert files["value"] <= files["before"] + 8  # bounded by MAX_OPEN_SHARDS
+
+
+def test_inpaint_cases_erase_the_second_object_and_name_a_new_one():
+    import numpy as np
+    for i in range(20):
+        image, keep, caption = bench.inpaint_case(np.random.default_rng((5, i)), 64)
+        parsed = data.parse_caption(caption)
+        (c1, _, _), (c2, s2, _) = parsed.objects
+        assert c2 != c1 and image.shape == (3, 64, 64) and keep.shape == (1, 64, 64)
+        assert data.judge(image, caption)["color"] is False  # the new colour is not in the scene yet
+        erased = image * keep + (1 - keep)  # the masked box painted white: only the first object is left
+        assert data.judge(erased, caption.split(" " + data.RELATION[parsed.direction] + " ")[0])["color"]

@@ -319,6 +319,13 @@ def test_a_real_data_preset_trains_logs_held_out_loss_and_grids_held_out_caption
     grid = next(r for r in records if r.get("event") == "grid")
     assert set(grid["prompts"]) == held and os.path.exists(out / "samples.png")
     assert imagen.load_checkpoint(imagen.checkpoint_path(out, 1))["config"]["holdout"] == 5
+    proc = run("eval.py", "--ckpt", str(out), "--data", str(folder), "--cache-dir", cache_dir, "--steps", "2")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(result["captions"]) == held and len(result["heldout_loss"]) == 2
+    final = {r["unet"]: r["heldout_loss"] for r in records if r.get("event") == "done"}
+    assert result["heldout_loss"] == pytest.approx([final[0], final[1]], rel=1e-3)  # the same samples and noise
+    assert Image.open(result["grid"]).size == (8 * 34 - 2, 2 * 34 - 2)  # 5 samples beside 5 real images, 32 px
+    assert Image.open(result["plot"]).size[1] == 2 * 220  # one panel per stage
 
 
 def test_an_only_unet_grid_starts_from_real_low_res_images(tmp_path, cache_dir, monkeypatch):
