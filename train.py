@@ -316,8 +316,8 @@ def heldout_loss(t, size, heldout, cache):
     emb, mask = cache(heldout.captions)  # [n, max_len, d], [n, max_len]
     images = imagen.resize(heldout.images.to(t.device).float() / 127.5 - 1, size)  # [n, 3, size, size]
     with ema_weights({t.k: t}), torch.autocast(**t.autocast):
-        return imagen.fixed_noise_loss(t.stage, images.contiguous(memory_format=t.memory_format), emb.to(t.device),
-                                       mask.to(t.device), data.HOLDOUT_SEED)
+        # contiguous, not channels_last: randn_like fills memory order, and eval.py's draws must be the same noise
+        return imagen.fixed_noise_loss(t.stage, images, emb.to(t.device), mask.to(t.device), data.HOLDOUT_SEED)
 
 
 def write_grid(cascade, trainers, cache, k, path, heldout, start_at=0):
