@@ -10,6 +10,7 @@ import time
 import torch
 
 import data
+from imagen import first_line
 from sample import add_sampling_args, generate, load_for_sampling, save_grid
 
 EVAL_SEED = 20_251_125  # prompts for evaluation; training draws from the dataset's own per-index seeds
@@ -35,8 +36,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         cascade, stop_at, cache = load_for_sampling(args)
-    except ValueError as e:
-        p.error(str(e))
+    except (ValueError, OSError) as e:
+        p.error(first_line(e))
     prompts = data.shapes_captions(args.n, seed=args.prompt_seed)
     cache(prompts)  # encode misses now, so the timing below is sampling alone
     start = time.perf_counter()

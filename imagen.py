@@ -237,6 +237,14 @@ def load_checkpoint(path, device="cpu", mmap=False):
                          f"({first_line(e)})") from None
 
 
+def require(state, path, keys):
+    """A loaded checkpoint `state`, or a ValueError naming the first of `keys` that it lacks."""
+    missing = [key for key in keys if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise ValueError(f"{path} is not a nanoimagen checkpoint: it has no {missing[0]!r} entry")
+    return state
+
+
 def first_line(error):
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
@@ -284,14 +292,15 @@ def cascade_mismatch(old, new, k):
 def load_trained(ckpt, ema):
     """(config, {stage: U-Net weights}) of a checkpoint folder/file; optimizer states stay unread on disk."""
     files = find_checkpoints(ckpt)
-    states = {k: load_checkpoint(f, mmap=True) for k, f in sorted(files.items())}
+    weights = "ema" if ema else "model"
+    states = {k: require(load_checkpoint(f, mmap=True), f, ("config", weights)) for k, f in sorted(files.items())}
     config = states[min(states)]["config"]
     for k, state in states.items():  # e.g. --only-unet jobs of different commands writing into one folder
         mismatch = "stage missing" if k >= len(config["stages"]) else cascade_mismatch(state["config"], config, k)
         if mismatch:
             raise ValueError(f"{files[k]} was trained as U-Net {k} of a different cascade than {files[min(states)]} "
                              f"({mismatch})")
-    return config, {k: state["ema" if ema else "model"] for k, state in states.items()}
+    return config, {k: state[weights] for k, state in states.items()}
 
 
 def export_weights(cascade, trained, path):
