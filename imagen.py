@@ -250,13 +250,16 @@ def first_line(error):
 
 
 def find_checkpoints(ckpt):
-    """{stage index: file} for a checkpoint folder, or for the folder of one checkpoint file."""
+    """{stage index: file} for a checkpoint folder, or for the folder of one checkpoint file, which stands in for its
+    stage's unetK.pt (so an older unetK-stepNNNNNN.pt kept by --keep can be sampled)."""
     folder = ckpt if os.path.isdir(ckpt) else os.path.dirname(ckpt) or "."
     if not os.path.exists(ckpt):
         raise ValueError(f"--ckpt {ckpt!r} does not exist; pass a training --out folder, a unetK.pt file in it or an "
                          "exported .safetensors file")
     found = {int(m.group(1)): os.path.join(folder, f) for f in os.listdir(folder)
              if (m := re.fullmatch(r"unet(\d+)\.pt", f))}
+    if m := re.fullmatch(r"unet(\d+)(-step\d+)?\.pt", os.path.basename(ckpt)):
+        found[int(m.group(1))] = ckpt
     if not found:
         raise ValueError(f"no unetK.pt checkpoint in {folder!r}")
     return found

@@ -151,6 +151,8 @@ def test_keep_leaves_the_newest_older_checkpoints_which_are_not_found_as_stages(
     assert [imagen.load_checkpoint(p)["step"] for p in imagen.older_checkpoints(path)] == [200, 300]
     assert imagen.load_checkpoint(path)["step"] == 400
     assert imagen.find_checkpoints(str(tmp_path)) == {0: path}
+    older = str(tmp_path / "unet0-step000200.pt")
+    assert imagen.find_checkpoints(older) == {0: older}  # a file named on its own stands in for its stage
 
 
 def test_checkpoints_of_different_cascades_are_not_mixed(tmp_path, cascade):
