@@ -129,19 +129,22 @@ def test_resume_after_sigkill_mid_stage_is_exact(tmp_path, cache_dir):
                 assert torch.equal(a[key][name], b[key][name]), (key, name)
 
 
-def test_sigterm_saves_the_current_step_exits_143_and_the_rerun_resumes(tmp_path, cache_dir):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_saves_the_current_step_exits_128_plus_signum_and_the_rerun_resumes(tmp_path, cache_dir,
+                                                                                              signum):
     out = tmp_path / "run"
     with open(tmp_path / "stderr.txt", "w") as stderr:
         proc = start_train(out, cache_dir, "--only-unet", "0", "--steps", "1000", "--save-every", "1000",
                            "--log-every", "1", stderr=stderr)
         logged = wait_for_logged_step(out, proc, at_least=1)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=300) == 128 + signal.SIGTERM
+        proc.send_signal(signum)
+        assert proc.wait(timeout=300) == 128 + signum
     stderr = (tmp_path / "stderr.txt").read_text()
-    assert "Traceback" not in stderr and "stopped by SIGTERM" in stderr.strip().splitlines()[-1]
+    name = signal.Signals(signum).name
+    assert "Traceback" not in stderr and f"stopped by {name}" in stderr.strip().splitlines()[-1]
     saved = imagen.load_checkpoint(imagen.checkpoint_path(out, 0))["step"]
     assert logged <= saved < 1000
-    assert read_log(out)[-1]["event"] == "stopped by SIGTERM"
+    assert read_log(out)[-1]["event"] == f"stopped by {name}"
     train(out, cache_dir, "--only-unet", "0", "--steps", str(saved + 2), "--log-every", "1")
     assert imagen.load_checkpoint(imagen.checkpoint_path(out, 0))["step"] == saved + 2
     resumed = [r["step"] for r in read_log(out) if "loss" in r]
