@@ -465,7 +465,7 @@ def _shard_index(path):
         samples, truncated = [], True
     index = dict(stamp=stamp, samples=samples, truncated=truncated)
     with contextlib.suppress(OSError):
-        write_atomically(index_path, lambda f: f.write(json.dumps(index).encode()))
+        write_atomically(index_path, lambda tmp: tmp.write_text(json.dumps(index)))
     return index
 
 
@@ -567,23 +567,27 @@ def make_dataset(spec, size, seed=0):
 
 
 def write_atomically(path, write):
-    """Write a file under a temporary name, fsync it, rename it and fsync the folder: readers (and a reboot) see
-    all of it or the previous version. The temporary file is removed if writing fails."""
+    """Call write(tmp) for a temporary path beside `path`, fsync it, move it over `path` and fsync the folder:
+    readers (and a reboot) see all of the new file or the previous one. On any failure tmp is removed."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
+        fsync(tmp)
         os.replace(tmp, path)
-    finally:
+    except BaseException:
         tmp.unlink(missing_ok=True)
-    folder = os.open(path.parent, os.O_RDONLY)
+        raise
+    fsync(path.parent)
+
+
+def fsync(path):
+    """fsync a file, or a folder so that a rename inside it survives a power cut."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(folder)
+        os.fsync(fd)
     finally:
-        os.close(folder)
+        os.close(fd)
 
 
 if __name__ == "__main__":

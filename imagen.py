@@ -4,7 +4,6 @@
 whole). `Imagen` chains stages: a base model, then super-resolution models conditioned on the previous stage's
 output (Imagen, arXiv 2205.11487 §2.4). Images are in [-1, 1] inside, [0, 1] at the edges.
 """
-import contextlib
 import dataclasses
 import json
 import os
@@ -15,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import data
 import registry
 from unet import Unet
 
@@ -217,29 +217,6 @@ def older_checkpoint_path(path, step):
     return f"{stem}-step{step:06d}{ext}"
 
 
-def sync(path):
-    """fsync a file, or a folder so that a rename inside it survives a power cut."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def replace_atomically(path, write):
-    """Call write(tmp) and move tmp over path; on any failure tmp is removed and path is left as it was."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        sync(tmp)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-    os.replace(tmp, path)
-    sync(os.path.dirname(path) or ".")
-
-
 def save_checkpoint(state, path, keep=0):
     """Write atomically; the previous checkpoint stays until the new one is complete and loadable.
 
@@ -253,7 +230,7 @@ def save_checkpoint(state, path, keep=0):
         older = older_checkpoint_path(path, load_checkpoint(path, mmap=True)["step"])
         if not os.path.exists(older):
             os.link(path, older)  # the same bytes under a second name: no copy
-    replace_atomically(path, write_and_verify)
+    data.write_atomically(path, write_and_verify)
     if keep:
         remove_older_checkpoints(path, keep)
 
@@ -356,7 +333,7 @@ def export_weights(cascade, trained, path):
     from safetensors.torch import save_file
     tensors = {f"{k}.{name}": t.contiguous() for k in range(trained)
                for name, t in cascade.stages[k].unet.state_dict().items()}
-    replace_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=dict(config=json.dumps(cascade.config))))
+    data.write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=dict(config=json.dumps(cascade.config))))
 
 
 def load_exported(path):

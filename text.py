@@ -209,8 +209,12 @@ class EmbeddingCache:
         lengths = [len(row) for row in rows]
         index = {c: [int(o), n] for c, o, n in zip(captions, np.cumsum([0] + lengths[:-1]), lengths)}
         stem = f"shard-{os.getpid()}-{uuid.uuid4().hex}"
-        write_atomically(self.dir / f"{stem}.npy", lambda f: np.save(f, torch.cat(rows).numpy()))
-        write_atomically(self.dir / f"{stem}.json", lambda f: f.write(json.dumps(index).encode()))
+
+        def write_rows(tmp):
+            with open(tmp, "wb") as f:
+                np.save(f, torch.cat(rows).numpy())
+        write_atomically(self.dir / f"{stem}.npy", write_rows)
+        write_atomically(self.dir / f"{stem}.json", lambda tmp: tmp.write_text(json.dumps(index)))
         self._read_shard(stem)
 
 

@@ -27,11 +27,6 @@ TINY = ["--unets", "base-test,super-test", "--sizes", "16,32", "--batch-size", "
         "--warmup", "2", "--sample-steps", "3"]
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("text-cache"))
-
-
 def run(script, *args, check=True, **kw):
     """Run one of the project's command lines; return the CompletedProcess."""
     proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
@@ -72,13 +67,6 @@ def wait_for_logged_step(out, proc, at_least):
             return steps[-1]
         time.sleep(0.02)
     raise AssertionError(f"no unet0 step >= {at_least} logged in 300 s")
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory, cache_dir):
-    out = tmp_path_factory.mktemp("run")
-    train(out, cache_dir, "--steps", "4", "--save-every", "2", "--keep", "1")
-    return out
 
 
 def test_train_writes_checkpoints_log_and_samples(trained):
@@ -176,7 +164,7 @@ def test_kill_during_save_leaves_a_loadable_checkpoint(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
 
     def saving():
-        return [f for f in os.listdir(tmp_path) if f.startswith("unet0.pt.tmp")]
+        return [f for f in os.listdir(tmp_path) if f.startswith("unet0.pt.") and f.endswith(".tmp")]
 
     deadline = time.time() + 300
     while not saving() and time.time() < deadline:
@@ -344,28 +332,19 @@ def write_picture_shards(root, sizes):
     return root
 
 
-def log_records(out):
-    return [json.loads(line) for line in open(out / "log.jsonl")]
-
-
 def test_shards_resume_after_sigkill_with_the_same_samples_and_weights(tmp_path, cache_dir):
     shards = write_picture_shards(tmp_path / "shards", [5, 2, 6])  # 13 samples: 8 steps of 4 cross two epochs
     flags = ["--data", str(shards), "--steps", "8", "--only-unet", "0", "--log-every", "1", "--save-every", "2"]
     train(tmp_path / "straight", cache_dir, *flags)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *TINY, "--out", str(killed),
-                             "--cache-dir", cache_dir, *flags], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not any(r.get("step", 0) >= 5 for r in
-                                             (log_records(killed) if (killed / "log.jsonl").exists() else [])):
-        time.sleep(0.02)
+    proc = start_train(killed, cache_dir, *flags)
+    wait_for_logged_step(killed, proc, 5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     saved = imagen.load_checkpoint(imagen.checkpoint_path(killed, 0))["step"]
     assert 4 <= saved < 8  # killed mid-stage, after a save
     train(killed, cache_dir, *flags)
-    digests = [{r["step"]: r["data_digest"] for r in log_records(out) if "loss" in r} for out in (tmp_path / "straight",
+    digests = [{r["step"]: r["data_digest"] for r in read_log(out) if "loss" in r} for out in (tmp_path / "straight",
                                                                                                  killed)]
     assert digests[0] == digests[1] and len(digests[0]) == 8  # the same captions in the same order at every step
     a, b = (imagen.load_checkpoint(imagen.checkpoint_path(out, 0)) for out in (tmp_path / "straight", killed))
@@ -471,7 +450,7 @@ def test_a_real_data_preset_trains_logs_held_out_loss_and_grids_held_out_caption
     folder, out = captioned_pictures(tmp_path / "pictures", 30), tmp_path / "out"
     train(out, cache_dir, "--unets", "real-base-small,real-super-small", "--sizes", "16,32", "--data", str(folder),
           "--steps", "3", "--eval-every", "2", "--holdout", "5")
-    records = log_records(out)
+    records = read_log(out)
     losses = [r for r in records if "heldout_loss" in r]
     assert {(r["unet"], r["step"]) for r in losses} >= {(0, 2), (0, 3), (1, 2), (1, 3)}
     assert all(math.isfinite(r["heldout_loss"]) for r in losses)
@@ -491,7 +470,7 @@ def test_a_real_data_preset_trains_logs_held_out_loss_and_grids_held_out_caption
 def test_an_only_unet_grid_starts_from_real_low_res_images(tmp_path, cache_dir, monkeypatch):
     folder, out = captioned_pictures(tmp_path / "pictures", 12), tmp_path / "out"
     train(out, cache_dir, "--data", str(folder), "--steps", "1", "--only-unet", "1", "--holdout", "4")
-    grid = next(r for r in log_records(out) if r.get("event") == "grid")
+    grid = next(r for r in read_log(out) if r.get("event") == "grid")
     assert len(grid["prompts"]) == 4 and all(p.startswith("picture ") for p in grid["prompts"])
     assert train_module.grid_start(train_module.parse_args(["--only-unet", "1"]), 1) == 1
     assert train_module.grid_start(train_module.parse_args([]), 1) == 0

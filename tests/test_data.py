@@ -3,6 +3,7 @@ import csv
 import io
 import json
 import re
+import struct
 import tarfile
 
 import numpy as np
@@ -426,3 +427,13 @@ def test_make_dataset_dispatches_on_the_spec(tmp_path):
     assert isinstance(data.make_dataset(tmp_path / "folder", 32), data.ImageFolder)
     with pytest.raises(ValueError, match="'nope'.*shapes"):
         data.make_dataset("nope", 32)
+
+
+@pytest.mark.parametrize("error", [struct.error("unpack requires a buffer of 4 bytes"), IndexError("tuple index")])
+def test_pillow_errors_of_broken_files_are_skips_not_crashes(tmp_path, monkeypatch, error):
+    (tmp_path / "a.png").write_bytes(image_bytes(fmt="PNG"))
+
+    def broken(*args, **kwargs):  # what PIL raises on some malformed headers
+        raise error
+    monkeypatch.setattr(data.Image, "open", broken)
+    assert data.load_image(tmp_path / "a.png", 16) is None

@@ -8,7 +8,7 @@ from PIL import Image
 
 import imagen
 from diffusion import EDM, Diffusion, Edit, _jump_back, cosine_betas
-from test_cli import cache_dir, run, trained  # noqa: F401 (fixtures)
+from test_cli import run
 from test_diffusion import FAST, FEW, SAMPLER_VARIANTS, assert_within, never_called, oracle, randn, seeds
 from test_edm import EDM_SAMPLERS, edm_oracle
 from test_imagen import cascade, text  # noqa: F401 (fixture)

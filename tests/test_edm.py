@@ -9,7 +9,7 @@ from hypothesis import given, strategies as st
 import imagen
 import registry
 from diffusion import EDM, Diffusion, karras_sigmas, no_threshold, sample_ddpm, sample_heun
-from test_cli import TINY, cache_dir, run, train  # noqa: F401 (fixture)
+from test_cli import TINY, run, train
 from test_diffusion import FAST, FEW, assert_within, never_called, randn, seeds, shapes
 from test_imagen import text, tiny_config
 
