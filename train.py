@@ -562,7 +562,7 @@ def run(args, config, encoder):
     if rank == 0:
         path = os.path.join(args.out, "samples.png")
         prompts = write_grid(cascade, trainers, cache, max(todo), path, heldout, grid_start(args, max(todo)))
-        log(dict(unet=max(todo), event="grid", path=path, prompts=prompts))
+        log(dict(unet=max(todo), step=trainers[max(todo)].step, event="grid", path=path, prompts=prompts))
         print(f"checkpoints in {args.out}/, samples in {path}")
     if world > 1:
         dist.barrier()  # no rank tears the group down while rank 0 still writes
