@@ -523,3 +523,22 @@ def test_sampling_leaves_the_optimizer_state_on_disk(trained, tmp_path):
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)" % str(tmp_path))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert int(proc.stdout) < 100_000  # KiB of peak memory growth: not the 200 MB
+
+
+def test_hflip_is_seeded_by_position_so_a_resume_flips_the_same_samples():
+    images = torch.arange(4 * 3 * 16 * 16, dtype=torch.uint8).reshape(4, 3, 16, 16)  # asymmetric: flips show
+    batch = (images, [f"caption {i}" for i in range(4)], 0)
+    cache = lambda captions: (torch.zeros(len(captions), 16, 384), torch.ones(len(captions), 16, dtype=torch.bool))
+
+    def flipped_images(trainer, n):
+        stream = train_module.batches(iter([batch] * n), cache, 16, "cpu", trainer)
+        return [next(stream)[0] for _ in range(n)]
+    straight, _ = trainer_for("--hflip")
+    three = flipped_images(straight, 3)
+    resumed, _ = trainer_for("--hflip")
+    resumed.position = 4  # resumed after the first batch of 4
+    assert all(torch.equal(a, b) for a, b in zip(three[1:], flipped_images(resumed, 2)))
+    original = images.float() / 127.5 - 1  # [4, 3, 16, 16]
+    pairs = [(out, orig) for out_batch in three for out, orig in zip(out_batch, original)]
+    assert all(torch.equal(out, orig) or torch.equal(out, orig.flip(-1)) for out, orig in pairs)
+    assert 0 < sum(torch.equal(out, orig.flip(-1)) for out, orig in pairs) < 12  # some of the 12 mirrored, not all
