@@ -4,7 +4,8 @@ train: images/s and peak memory of a training step per stage (fp32/bf16 x channe
 minilm each step). profile: the top operators of each stage's training step (torch.profiler). sample: seconds per
 image and eval scores per sampler, against ancestral DDPM over all T steps with two-pass guidance; batched vs two-pass
 guidance on the guided base stage. text: captions/s per encoder vs cache reads. data: loader images/s from a folder and
-from shards, caption precompute captions/s, open files over a long run. Speed is measured here, never in tests.
+from shards, caption precompute captions/s, open files over a long run. threads: seconds per training step at each
+CPU thread count and at train.py's --threads auto, on an idle machine and with one core kept busy. Speed is measured here, never in tests.
 """
 import argparse
 import contextlib
@@ -14,6 +15,8 @@ import json
 import multiprocessing
 import os
 import platform
+import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -62,6 +65,7 @@ def parse_args(argv=None):
     a("--data-images", type=int, default=512, help="data: JPEGs written for the loader rows")
     a("--data-captions", type=int, default=50_000, help="data: captions cached for the open-files row")
     a("--data-steps", type=int, default=10_000, help="data: cache reads of 32 captions for the open-files row")
+    a("--thread-steps", type=int, default=30, help="threads: timed steps per row (auto's first rounds included)")
     a("--cache-dir", default=defaults.cache_dir, help="text-embedding cache folder (as train.py)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--json", default="bench.json", help="write the results here")
@@ -437,6 +441,41 @@ def bench_data(args):
 
 # ---- report ----
 
+# ---- threads: train.py's ThreadTuner against fixed thread counts, idle and beside a busy core ----
+
+def threads_case(case):
+    """Seconds per training step of stage k at `threads` (a count or auto), with another program busy or not."""
+    args, k, busy, threads = case
+    args = argparse.Namespace(**{**vars(args), "steps": args.thread_steps})  # batches for every timed step
+    trainer, stream, config = trainer_and_batches(args, k)
+    tuner = train.ThreadTuner.for_run(threads, trainer.device)
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None  # another user program
+    try:
+        run_steps(trainer, stream, WARMUP)
+        start = time.perf_counter()
+        for step in range(args.thread_steps):
+            n = tuner.choose(step)
+            begin = time.perf_counter()
+            trainer.step_on([next(stream)])
+            tuner.record(n, time.perf_counter() - begin)
+        seconds = time.perf_counter() - start
+    finally:
+        if hog:
+            hog.kill()
+    return dict(stage=f"unet{k} {config['stages'][k]['unet']}", load="one core busy" if busy else "idle",
+                threads=threads, s_per_step=round(seconds / args.thread_steps, 3))
+
+
+def bench_threads(args):
+    """Rows of every (stage, load, thread count or auto) of train.py's default cascade."""
+    config, _ = train.prepare(train_flags(args))
+    most = torch.get_num_threads()
+    counts = [str(n) for n in train.ThreadTuner.for_run("auto", torch.device("cpu")).options] + ["auto"]
+    torch.set_num_threads(most)
+    return in_fresh_processes(threads_case, [(args, k, busy, threads) for k in range(len(config["stages"]))
+                                             for busy in (False, True) for threads in counts])
+
+
 def target(name, measured, minimum, unit="x"):
     """One row of the targets table."""
     return dict(target=name, measured=round(measured, 4), need=f">= {minimum}{unit}", met=measured >= minimum)
@@ -487,7 +526,7 @@ def markdown(rows):
 
 
 SECTIONS = dict(train=bench_train, profile=bench_profile, sample=bench_sample, text=bench_text, data=bench_data,
-                inpaint=bench_inpaint)
+                inpaint=bench_inpaint, threads=bench_threads)
 
 
 def main(argv=None):

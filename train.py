@@ -13,6 +13,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import sys
 import time
 from typing import NamedTuple
@@ -37,11 +38,13 @@ HELDOUT_N = 64  # held-out samples whose loss is logged
 DEFAULT_UNETS = "base-small,super-small"
 MAX_UNUSABLE = 1000  # consecutive unusable samples (unreadable image or no caption) before training stops
 DEFAULT_MINUTES = "13,5"  # the default cascade's budget: 20 minutes in all on a 2-core CPU, with start-up and samples
+DEFAULT_RUN_STEPS = ((0, 0), (0, 0))  # per stage of the default run: steps measured (idle, one core busy) (README)
 MAX_BAD_STEPS = 10  # consecutive non-finite losses before training stops
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile modes
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # these replay CUDA graphs on a GPU
 CHECKPOINT_KEYS = ("config", "model", "ema", "ema_n", "optimizer", "scaler", "step", "position", "elapsed",
                    "skipped")  # what Trainer.state() writes and resume() reads
+TUNE_EVERY, TUNE_STEPS = 200, 3  # CPU thread counts are re-timed every TUNE_EVERY steps, TUNE_STEPS steps each
 LEAST = dict(batch_size=1, grad_accum=1, log_every=1, save_every=0, sample_every=0, keep=0, workers=0, warmup=0)
 
 
@@ -92,6 +95,8 @@ def parse_args(argv=None):
     a("--holdout", type=float, default=0.02, help="samples of a folder or shards never trained on: a count, or a "
       "fraction below 1 (a fixed choice per dataset size); the loss of the first 64 is logged")
     a("--eval-every", type=int, default=100, help="log the held-out loss every N steps (0 = only at the end)")
+    a("--threads", default="auto", help="CPU threads for training: a number, or auto (the fastest of N, N/2, ..., "
+      "1 for this machine's load, timed on real steps every 200 steps; N = torch's default)")
     a("--workers", type=int, default=1, help="DataLoader worker processes")
     a("--cache-dir", default=text.DEFAULT_CACHE_DIR, help="text-embedding cache folder")
     a("--encoder-dtype", default="fp32", choices=list(text.DTYPES), help="text encoder precision for the caption "
@@ -204,6 +209,41 @@ def step_outcome(loss, norm, fp16):
     return "overflow" if fp16 else "non-finite"
 
 
+class ThreadTuner:
+    """Trains at the CPU thread count that runs steps fastest under the machine's current load. At the start of
+    every TUNE_EVERY steps each option runs TUNE_STEPS real training steps; the rest use the fastest (median).
+    Every op waits for all of torch's threads: on the 2-core CPU, with one core kept busy by another program,
+    a base step took 1.34 s on 2 threads and 0.33 s on 1 (README, Results)."""
+
+    def __init__(self, options):
+        self.options, self.seconds, self.round = options, {}, -1  # seconds: thread count -> this round's step times
+
+    @classmethod
+    def for_run(cls, flag, device):
+        """Tuner over N, N/2, ..., 1 threads (`flag` auto on a CPU), or one fixed count (a number)."""
+        if flag != "auto":
+            torch.set_num_threads(int(flag))
+        most = torch.get_num_threads()
+        if flag != "auto" or device.type != "cpu":
+            return cls([most])
+        return cls(sorted({most >> i for i in range(most.bit_length())} - {0}, reverse=True))
+
+    def choose(self, step):
+        """Set and return the thread count for optimizer step `step`."""
+        if step // TUNE_EVERY != self.round:  # a new round of trials
+            self.round, self.seconds = step // TUNE_EVERY, {}
+        untimed = [n for n in self.options if len(self.seconds.get(n, ())) < TUNE_STEPS]
+        threads = untimed[0] if untimed else min(self.seconds, key=lambda n: statistics.median(self.seconds[n]))
+        torch.set_num_threads(threads)
+        return threads
+
+    def record(self, threads, seconds):
+        """Time one step at `threads` if this round is still timing that count."""
+        times = self.seconds.setdefault(threads, [])
+        if len(times) < TUNE_STEPS:
+            times.append(seconds)
+
+
 class StopSignal:
     """SIGTERM and SIGINT (Ctrl-C) set `signum`: training finishes its step, saves and exits with 128 + signum.
     A second signal of the same kind ends the process at once."""
@@ -235,6 +275,7 @@ class Trainer:
         self.step, self.position, self.elapsed, self.skipped, self.bad_steps = 0, 0, 0.0, 0, 0
         self.data_digest = ""  # a running sha1 of the captions trained on, in order (see `batches`)
         self.saved_step, self.signum = None, 0  # the step on disk; a stop signal that any rank received
+        self.threads = ThreadTuner.for_run(args.threads, device)
         self.path = imagen.checkpoint_path(args.out, k)
         model = DistributedDataParallel(self.stage) if world > 1 else self.stage
         self.model = torch.compile(model, mode=args.compile) if args.compile else model
@@ -416,6 +457,18 @@ def train_stage(args, config, cascade, trainers, k, cache, dataset, heldout, log
                 128 + t.signum)
     log(dict(unet=k, step=t.step, event="done", minutes=round(t.elapsed / 60, 2), skipped=t.skipped,
              heldout_loss=heldout_loss(t, config["stages"][k]["size"], heldout, cache) if t.rank == 0 else None))
+    if t.rank == 0:
+        print(reached(args, k, t.step, t.elapsed))
+
+
+def reached(args, k, steps, seconds):
+    """The line a finished stage prints: steps and minutes, and for the default run what the README measured."""
+    line = f"unet{k}: {steps} steps in {seconds / 60:.1f} minutes"
+    if (args.unets, args.minutes, args.steps, args.data) == (DEFAULT_UNETS, DEFAULT_MINUTES, "0", "shapes"):
+        idle, busy = DEFAULT_RUN_STEPS[k]
+        line += (f" (the README's default run: {idle} steps on an idle 2-core CPU, {busy} with one core busy; "
+                 "fewer steps than that mean lower scores)")
+    return line
 
 
 def grid_start(args, k):
@@ -433,12 +486,15 @@ def run_steps(args, config, cascade, trainers, k, cache, dataset, heldout, log):
     with tqdm(total=args.step_limits[k] or None, initial=t.step, desc=f"unet{k} {stage_cfg['unet']}",
               disable=t.rank != 0) as bar:  # closed before any one-line stop message
         while not t.finished():
+            threads = t.threads.choose(t.step)
             start = time.perf_counter()
             loss, outcome = t.step_on([next(stream) for _ in range(args.grad_accum)])
-            t.elapsed += time.perf_counter() - start
-            ips = args.batch_size * args.grad_accum * t.world / (time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            t.threads.record(threads, seconds)
+            t.elapsed += seconds
+            ips = args.batch_size * args.grad_accum * t.world / seconds
             bar.update(int(outcome == "applied"))
-            bar.set_postfix(loss=f"{loss:.4f}", **shown, img_s=f"{ips:.1f}")
+            bar.set_postfix(loss=f"{loss:.4f}", **shown, img_s=f"{ips:.1f}", threads=threads)
             if outcome == "non-finite":
                 log(dict(unet=k, step=t.step, event="non-finite loss, step skipped", loss=loss))
                 if t.bad_steps >= MAX_BAD_STEPS:
@@ -449,7 +505,8 @@ def run_steps(args, config, cascade, trainers, k, cache, dataset, heldout, log):
             if outcome != "applied":
                 continue
             if t.step % args.log_every == 0:
-                log(dict(unet=k, step=t.step, loss=loss, lr=t.lr(), img_per_s=round(ips, 1), skipped=t.skipped,
+                log(dict(unet=k, step=t.step, loss=loss, lr=t.lr(), img_per_s=round(ips, 1), threads=threads,
+                         skipped=t.skipped,
                          minutes=round(t.elapsed / 60, 2), data_digest=t.data_digest[:16]))
             if args.save_every and t.step % args.save_every == 0:
                 t.save(config)
@@ -486,6 +543,8 @@ def check_counts(args):
 def prepare(args):
     """(config, resolved encoder) from the flags; every name and number is checked before anything heavy is loaded."""
     check_counts(args)
+    if args.threads != "auto" and not (args.threads.isdigit() and int(args.threads) >= 1):
+        raise ValueError(f"--threads {args.threads!r}: give auto or a positive number of CPU threads")
     names = args.unets.split(",")
     if args.only_unet is not None and not 0 <= args.only_unet < len(names):
         raise ValueError(f"--only-unet {args.only_unet} out of range; U-Nets are 0..{len(names) - 1} ({args.unets})")

@@ -124,3 +124,14 @@ def test_inpaint_cases_erase_the_second_object_and_name_a_new_one():
         assert data.judge(image, caption)["color"] is False  # the new colour is not in the scene yet
         erased = image * keep + (1 - keep)  # the masked box painted white: only the first object is left
         assert data.judge(erased, caption.split(" " + data.RELATION[parsed.direction] + " ")[0])["color"]
+
+
+def test_bench_threads_section_times_each_count_and_auto_idle_and_beside_a_busy_core(tmp_path):
+    out = tmp_path / "bench.json"
+    run("bench.py", "--sections", "threads", "--presets", "base-test", "--sizes", "16", "--batch-size", "2",
+        "--thread-steps", "7", "--cache-dir", str(tmp_path / "cache"), "--json", str(out))
+    rows = json.loads(out.read_text())["threads"]
+    counts = [str(n) for n in sorted({torch.get_num_threads() >> i for i in range(8)} - {0}, reverse=True)]
+    assert [(r["load"], r["threads"]) for r in rows] == [
+        (load, n) for load in ("idle", "one core busy") for n in counts + ["auto"]]
+    assert all(r["stage"] == "unet0 BaseTest" and r["s_per_step"] > 0 for r in rows)

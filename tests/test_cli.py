@@ -208,6 +208,7 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path, cache_dir):
     ("train.py", ["--steps", "-1"], "--steps"),
     ("train.py", ["--keep", "-1"], "--keep -1"),
     ("train.py", ["--log-every", "0"], "--log-every 0"),
+    ("train.py", ["--threads", "0"], "--threads '0'"),
     ("sample.py", ["--ckpt", "/does/not/exist", "--prompt", "x"], "/does/not/exist"),
     ("sample.py", ["--prompt", "x"], "--ckpt"),
 ])
@@ -542,3 +543,55 @@ def test_hflip_is_seeded_by_position_so_a_resume_flips_the_same_samples():
     pairs = [(out, orig) for out_batch in three for out, orig in zip(out_batch, original)]
     assert all(torch.equal(out, orig) or torch.equal(out, orig.flip(-1)) for out, orig in pairs)
     assert 0 < sum(torch.equal(out, orig.flip(-1)) for out, orig in pairs) < 12  # some of the 12 mirrored, not all
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("fastest", [4, 2, 1])
+def test_thread_tuner_times_each_count_on_real_steps_then_keeps_the_fastest(fastest, restore_threads):
+    tuner = train_module.ThreadTuner([4, 2, 1])
+    per_step = {n: 0.1 * (1 + abs(n - fastest)) for n in (4, 2, 1)}  # seconds a step takes at n threads
+    chosen = []
+    for step in range(2 * train_module.TUNE_EVERY):
+        threads = tuner.choose(step)
+        assert torch.get_num_threads() == threads
+        tuner.record(threads, per_step[threads])
+        chosen.append(threads)
+    trials = 3 * train_module.TUNE_STEPS
+    for start in (0, train_module.TUNE_EVERY):  # every round times each count again, then keeps the fastest
+        assert chosen[start:start + trials] == sorted([4, 2, 1] * train_module.TUNE_STEPS, reverse=True)
+        assert set(chosen[start + trials:start + train_module.TUNE_EVERY]) == {fastest}
+
+
+def test_thread_tuner_follows_a_load_that_changes_between_rounds(restore_threads):
+    tuner = train_module.ThreadTuner([2, 1])
+    busy = False
+    for step in range(2 * train_module.TUNE_EVERY):
+        busy = step >= train_module.TUNE_EVERY  # another program takes a core in the second round
+        threads = tuner.choose(step)
+        tuner.record(threads, {2: 1.34 if busy else 0.20, 1: 0.33}[threads])
+    assert tuner.choose(2 * train_module.TUNE_EVERY - 1) == 1 and busy
+
+
+def test_fixed_threads_and_gpus_are_not_tuned(restore_threads):
+    assert train_module.ThreadTuner.for_run("3", torch.device("cpu")).options == [3]
+    assert torch.get_num_threads() == 3
+    assert train_module.ThreadTuner.for_run("auto", torch.device("cuda")).options == [3]
+    torch.set_num_threads(4)
+    assert train_module.ThreadTuner.for_run("auto", torch.device("cpu")).options == [4, 2, 1]
+
+
+def test_a_finished_stage_says_what_it_reached_and_for_the_default_run_what_the_readme_measured():
+    args = train_module.parse_args([])
+    train_module.prepare(args)
+    line = train_module.reached(args, 0, 1234, 600)
+    idle, busy = train_module.DEFAULT_RUN_STEPS[0]
+    assert "unet0: 1234 steps in 10.0 minutes" in line and f"{idle} steps on an idle" in line and f"{busy} with" in line
+    args = train_module.parse_args(["--minutes", "1"])
+    train_module.prepare(args)
+    assert train_module.reached(args, 0, 10, 60) == "unet0: 10 steps in 1.0 minutes"
