@@ -96,7 +96,8 @@ def parse_args(argv=None):
       "fraction below 1 (a fixed choice per dataset size); the loss of the first 64 is logged")
     a("--eval-every", type=int, default=100, help="log the held-out loss every N steps (0 = only at the end)")
     a("--threads", default="auto", help="CPU threads for training: a number, or auto (the fastest of N, N/2, ..., "
-      "1 for this machine's load, timed on real steps every 200 steps; N = torch's default)")
+      "1 for this machine's load, timed on real steps every 200 steps; N = torch's default). A switch of count changes "
+      "the order of float sums: weights are bit-identical between runs and resumes only at a fixed count")
     a("--workers", type=int, default=1, help="DataLoader worker processes")
     a("--cache-dir", default=text.DEFAULT_CACHE_DIR, help="text-embedding cache folder")
     a("--encoder-dtype", default="fp32", choices=list(text.DTYPES), help="text encoder precision for the caption "

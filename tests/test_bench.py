@@ -128,7 +128,7 @@ def test_inpaint_cases_erase_the_second_object_and_name_a_new_one():
 
 def test_bench_threads_section_times_each_count_and_auto_idle_and_beside_a_busy_core(tmp_path):
     out = tmp_path / "bench.json"
-    run("bench.py", "--sections", "threads", "--presets", "base-test", "--sizes", "16", "--batch-size", "2",
+    run("bench.py", "--sections", "threads", "--presets", "base-test", "--sizes", "32", "--batch-size", "2",
         "--thread-steps", "7", "--cache-dir", str(tmp_path / "cache"), "--json", str(out))
     rows = json.loads(out.read_text())["threads"]
     counts = [str(n) for n in sorted({torch.get_num_threads() >> i for i in range(8)} - {0}, reverse=True)]
