@@ -5,7 +5,8 @@ minilm each step). profile: the top operators of each stage's training step (tor
 image and eval scores per sampler, against ancestral DDPM over all T steps with two-pass guidance; batched vs two-pass
 guidance on the guided base stage. text: captions/s per encoder vs cache reads. data: loader images/s from a folder and
 from shards, caption precompute captions/s, open files over a long run. threads: seconds per training step at each
-CPU thread count and at train.py's --threads auto, on an idle machine and with one core kept busy. Speed is measured here, never in tests.
+CPU thread count and at train.py's --threads auto, on an idle machine and with one core kept busy. Speed is measured
+here, never in tests.
 """
 import argparse
 import contextlib
@@ -439,8 +440,6 @@ def bench_data(args):
     return rows
 
 
-# ---- report ----
-
 # ---- threads: train.py's ThreadTuner against fixed thread counts, idle and beside a busy core ----
 
 def threads_case(case):
@@ -448,17 +447,11 @@ def threads_case(case):
     args, k, busy, threads = case
     args = argparse.Namespace(**{**vars(args), "steps": args.thread_steps})  # batches for every timed step
     trainer, stream, config = trainer_and_batches(args, k)
-    tuner = train.ThreadTuner.for_run(threads, trainer.device)
+    trainer.threads = train.ThreadTuner.for_run(threads, trainer.device)
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None  # another user program
     try:
         run_steps(trainer, stream, WARMUP)
-        start = time.perf_counter()
-        for step in range(args.thread_steps):
-            n = tuner.choose(step)
-            begin = time.perf_counter()
-            trainer.step_on([next(stream)])
-            tuner.record(n, time.perf_counter() - begin)
-        seconds = time.perf_counter() - start
+        seconds = sum(trainer.timed_step(stream, 1)[3] for _ in range(args.thread_steps))
     finally:
         if hog:
             hog.kill()
@@ -469,12 +462,12 @@ def threads_case(case):
 def bench_threads(args):
     """Rows of every (stage, load, thread count or auto) of train.py's default cascade."""
     config, _ = train.prepare(train_flags(args))
-    most = torch.get_num_threads()
     counts = [str(n) for n in train.ThreadTuner.for_run("auto", torch.device("cpu")).options] + ["auto"]
-    torch.set_num_threads(most)
     return in_fresh_processes(threads_case, [(args, k, busy, threads) for k in range(len(config["stages"]))
                                              for busy in (False, True) for threads in counts])
 
+
+# ---- report ----
 
 def target(name, measured, minimum, unit="x"):
     """One row of the targets table."""

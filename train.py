@@ -335,6 +335,16 @@ class Trainer:
         final, progress = self.args.lr_final, min(1.0, self.progress())
         return self.args.lr * warmup * (final + (1 - final) * (1 + math.cos(math.pi * progress)) / 2)
 
+    def timed_step(self, stream, micro_steps):
+        """step_on over the stream's next micro-batches at the thread count the tuner chooses, timed with the data
+        reads -> (loss, outcome, threads, seconds)."""
+        threads = self.threads.choose(self.step)
+        start = time.perf_counter()
+        loss, outcome = self.step_on([next(stream) for _ in range(micro_steps)])
+        seconds = time.perf_counter() - start
+        self.threads.record(threads, seconds)
+        return loss, outcome, threads, seconds
+
     def step_on(self, micro_batches):
         """One optimizer step over [(images [b,3,s,s] in [-1,1], text embeds, mask)] -> (loss, outcome): "applied",
         "overflow" (fp16: GradScaler skipped it and lowered its scale) or "non-finite" (skipped, a bad step).
@@ -487,11 +497,7 @@ def run_steps(args, config, cascade, trainers, k, cache, dataset, heldout, log):
     with tqdm(total=args.step_limits[k] or None, initial=t.step, desc=f"unet{k} {stage_cfg['unet']}",
               disable=t.rank != 0) as bar:  # closed before any one-line stop message
         while not t.finished():
-            threads = t.threads.choose(t.step)
-            start = time.perf_counter()
-            loss, outcome = t.step_on([next(stream) for _ in range(args.grad_accum)])
-            seconds = time.perf_counter() - start
-            t.threads.record(threads, seconds)
+            loss, outcome, threads, seconds = t.timed_step(stream, args.grad_accum)
             t.elapsed += seconds
             ips = args.batch_size * args.grad_accum * t.world / seconds
             bar.update(int(outcome == "applied"))
@@ -507,8 +513,7 @@ def run_steps(args, config, cascade, trainers, k, cache, dataset, heldout, log):
                 continue
             if t.step % args.log_every == 0:
                 log(dict(unet=k, step=t.step, loss=loss, lr=t.lr(), img_per_s=round(ips, 1), threads=threads,
-                         skipped=t.skipped,
-                         minutes=round(t.elapsed / 60, 2), data_digest=t.data_digest[:16]))
+                         skipped=t.skipped, minutes=round(t.elapsed / 60, 2), data_digest=t.data_digest[:16]))
             if args.save_every and t.step % args.save_every == 0:
                 t.save(config)
             if args.sample_every and t.step % args.sample_every == 0 and t.rank == 0:
