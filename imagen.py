@@ -24,6 +24,7 @@ STAGE_DEFAULTS = dict(
     schedule="cosine", timesteps=1000, target="v", min_snr_gamma=5.0,  # Min-SNR-γ (arXiv 2303.09556)
     cond_drop_prob=0.1,          # classifier-free guidance training (Ho & Salimans 2022)
     lowres_aug_max=0.5,          # noise-conditioning augmentation levels drawn from [0, max] (Imagen App. E)
+    crop=None,                   # super-resolution: train on random crops of this side (Imagen App. F), None = whole
 )
 # Sampling defaults, overridable on every command line; per-stage lists where stages differ.
 SAMPLING_DEFAULTS = dict(
@@ -39,6 +40,15 @@ def resize(images, size):
     if images.shape[-1] == size:
         return images
     return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def random_crops(tensors, side):
+    """The same random side x side window of every tensor [b, c, h, w], one window per sample, [b, c, side, side]."""
+    (b, _, h, w), device = tensors[0].shape, tensors[0].device
+    ys, xs = (torch.randint(n - side + 1, (b, 1), device=device) + torch.arange(side, device=device)
+              for n in (h, w))  # [b, side] each: the rows and columns of each sample's window
+    index = (torch.arange(b, device=device)[:, None, None], ys[:, :, None], xs[:, None, :])
+    return [t.permute(0, 2, 3, 1)[index].permute(0, 3, 1, 2) for t in tensors]  # [b, c, side, side] each
 
 
 def stage_config(stage):
@@ -72,6 +82,8 @@ class Stage(nn.Module):
         lowres = {}
         if self.lowres_size is not None:  # normalise -> down -> up -> noise, exactly as at sampling
             small = resize(resize(images, self.lowres_size), self.size)  # [b, c, size, size]
+            if s["crop"]:  # the U-Net is convolutional: it samples whole images after training on crops
+                images, small = random_crops((images, small), s["crop"])  # [b, c, crop, crop] each
             lowres["lowres_img"], lowres["lowres_noise_time"] = self.noised_lowres(small)
         t = d.sample_times(images.shape[0], images.device)  # [b]
         noise = torch.randn_like(images)

@@ -79,6 +79,8 @@ def parse_args(argv=None):
     a("--schedule", default="cosine", help="noise schedule per U-Net: " + ", ".join(registry.SCHEDULES.names()))
     a("--timesteps", default="1000", help="diffusion steps T per U-Net")
     a("--min-snr-gamma", default="5", help="Min-SNR-γ loss weighting per U-Net (0 = off; ddpm U-Nets only)")
+    a("--crop", default="0", help="super-resolution U-Nets: train on random crops of this side, sample whole images "
+      "(Imagen App. F; a comma list per U-Net, 0 = whole images; the base takes 0)")
     a("--cond-drop-prob", type=float, default=0.1, help="probability of dropping the text (classifier-free guidance)")
     a("--cond-scale", default=None, help="default guidance scale per U-Net, stored for sampling (default: 3 for the "
       "base, 1 for super-resolution stages: measured best on shapes)")
@@ -140,7 +142,12 @@ def build_config(args, encoder):
             raise ValueError(f"--target {target!r} for U-Net {k} ({family}): edm U-Nets take edm, ddpm ones eps, x0 or v")
     per = dict(target=targets, schedule=csv(args.schedule, str, n, "--schedule"),
                timesteps=csv(args.timesteps, int, n, "--timesteps"),
-               min_snr_gamma=csv(args.min_snr_gamma, float, n, "--min-snr-gamma"))
+               min_snr_gamma=csv(args.min_snr_gamma, float, n, "--min-snr-gamma"), crop=csv(args.crop, int, n, "--crop"))
+    for k, (name, size, crop) in enumerate(zip(names, sizes, per["crop"])):
+        m = unet.size_multiple(**registry.UNETS[name])
+        if crop and (k == 0 or not 0 < crop < size or crop % m):
+            raise ValueError(f"--crop {args.crop!r}: {crop} for U-Net {k} ({name}); a super-resolution U-Net takes 0 "
+                             f"or a multiple of {m} below its size {size}, the base 0")
     allowed = (*diffusion.TARGETS, *diffusion.EDM.TARGETS)
     unknown = set(per["target"]) - set(allowed)
     if unknown:
@@ -155,6 +162,8 @@ def build_config(args, encoder):
                            min_snr_gamma=None if families[k] == "edm" else per["min_snr_gamma"][k] or None))
         if families[k] != imagen.STAGE_DEFAULTS["family"]:  # only then: runs from before --family still resume
             stages[k]["family"] = families[k]
+        if per["crop"][k]:  # likewise for --crop
+            stages[k]["crop"] = per["crop"][k]
     scales = [3.0] + [1.0] * (n - 1) if args.cond_scale is None else csv(args.cond_scale, float, n, "--cond-scale")
     sampling = dict(cond_scale=scales,
                     steps=csv(args.sample_steps, int, n, "--sample-steps"), lowres_noise=args.lowres_noise)

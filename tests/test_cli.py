@@ -211,6 +211,8 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path, cache_dir):
     ("train.py", ["--keep", "-1"], "--keep -1"),
     ("train.py", ["--log-every", "0"], "--log-every 0"),
     ("train.py", ["--threads", "0"], "--threads '0'"),
+    ("train.py", ["--crop", "16"], "16 for U-Net 0 (base-small)"),
+    ("train.py", ["--crop", "0,30"], "30 for U-Net 1 (super-small)"),
     ("sample.py", ["--ckpt", "/does/not/exist", "--prompt", "x"], "/does/not/exist"),
     ("sample.py", ["--prompt", "x"], "--ckpt"),
 ])

@@ -5,6 +5,7 @@ import stat
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import imagen
 import registry
@@ -41,6 +42,29 @@ def test_every_stage_has_a_finite_loss_with_gradients(target):
         loss.backward()
         assert torch.isfinite(loss) and loss > 0
         assert stage.unet.final_conv.weight.grad.abs().sum() > 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(1, 4), h=st.integers(4, 12), w=st.integers(4, 12), side=st.integers(1, 4), seed=st.integers(0, 99))
+def test_random_crops_take_the_same_window_of_every_tensor(b, h, w, side, seed):
+    torch.manual_seed(seed)
+    images = torch.rand(b, 3, h, w)
+    crops, lows = imagen.random_crops((images, images * 2), side)
+    assert crops.shape == lows.shape == (b, 3, side, side) and torch.equal(lows, crops * 2)
+    for image, crop in zip(images, crops):  # each crop is one window of its own image
+        windows = image.unfold(1, side, 1).unfold(2, side, 1)  # [3, h - side + 1, w - side + 1, side, side]
+        assert (windows == crop[:, None, None]).flatten(3).all(-1).all(0).any()
+
+
+def test_a_super_resolution_stage_trains_on_crops_and_samples_whole_images():
+    torch.manual_seed(0)
+    model = imagen.Imagen(tiny_config(crop=8))
+    sr = model.stages[1]
+    seen = []
+    sr.unet.init_conv.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].shape[-1]))
+    sr(torch.rand(2, 3, 32, 32) * 2 - 1, *text(2)).backward()
+    model.sample(*text(1), steps=1)
+    assert seen == [8, 32]
 
 
 def test_sampling_runs_the_chain_and_returns_images_in_0_1(cascade):
