@@ -1,10 +1,10 @@
 """Evaluate a cascade: `python eval.py --ckpt out` (shapes) or `python eval.py --ckpt out --data DIR` (any data).
 
 Shapes: samples prompts of the shapes grammar drawn with a seed the training data never used, judges every image
-with the pixel-reading shapes judge (data.judge) and prints JSON colour, shape and position accuracy and seconds
-per image. Other data: the held-out samples that training never read (train.py's --holdout, stored in the
-checkpoint): prints each stage's held-out loss at fixed noise, writes a grid of samples of held-out captions, each
-beside its real image, and plots the held-out losses that training logged.
+with the pixel-reading shapes judge (data.judge) and prints JSON colour, shape and position accuracy, seconds per
+image and the base's word-order gaps (word_order_gaps). Other data: the held-out samples that training never read
+(train.py's --holdout, stored in the checkpoint): prints each stage's held-out loss at fixed noise, writes a grid of
+samples of held-out captions, each beside its real image, and plots the held-out losses that training logged.
 """
 import argparse
 import json
@@ -21,6 +21,7 @@ from sample import add_sampling_args, generate, load_for_sampling, save_grid
 
 EVAL_SEED = 20_251_125  # prompts for evaluation; training draws from the dataset's own per-index seeds
 JUDGE_KEYS = ("color", "shape", "position")  # the verdicts of data.judge
+WORD_ORDER_LEVEL, WORD_ORDER_SCENES = 0.85, 128  # the word-order probe: noise level (fraction of T), scenes
 
 
 def score(images, prompts):
@@ -31,6 +32,28 @@ def score(images, prompts):
         votes = [v[key] for v in verdicts if v[key] is not None]
         result[key] = round(sum(votes) / len(votes), 4) if votes else None
     return result
+
+
+@torch.no_grad()
+def word_order_gaps(stage, cache, seed, device):
+    """How much worse the base denoises held-out two-object scenes at one high noise level when the caption's objects
+    trade places ("order") or its relation turns 90 degrees ("axis"): the relative increase of the x0 error. 0 means
+    the U-Net ignores that part of the caption; a U-Net that places both objects right needs both above 0."""
+    images, captions = data.two_object_scenes(WORD_ORDER_SCENES, seed, stage.size)
+    x0, d = images.to(device).float() / 127.5 - 1, stage.diffusion  # [n, 3, s, s]
+    t = d.time_for_noise_level(WORD_ORDER_LEVEL, len(x0), device)  # [n]
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    xt = d.q_sample(x0, t, noise)
+
+    def x0_error(captions):
+        emb, mask = (x.to(device) for x in cache([c.text() for c in captions]))
+        out = stage.unet(d.model_input(xt, t), d.model_time(t), emb, mask).float()
+        return (d.x0_eps_from_output(out, xt, t, stage.settings["target"])[0] - x0).pow(2).mean().item()
+
+    true = x0_error(captions)
+    swapped = x0_error([c._replace(objects=c.objects[::-1]) for c in captions])
+    turned = x0_error([c._replace(direction=data.TURNED[c.direction]) for c in captions])
+    return dict(order=round(swapped / true - 1, 4), axis=round(turned / true - 1, 4))
 
 
 def heldout_losses(cascade, stop_at, cache, images, captions, device):
@@ -111,7 +134,8 @@ def main(argv=None):
     if args.grid:
         save_grid(images, args.grid, nrow=12)
     result = dict(score(images, prompts), n=args.n, seconds_per_image=round(seconds / args.n, 4),
-                  size=images.shape[-1], threads=torch.get_num_threads())
+                  size=images.shape[-1], threads=torch.get_num_threads(),
+                  word_order_gap=word_order_gaps(cascade.stages[0], cache, args.prompt_seed, args.device))
     print(json.dumps(result))
 
 

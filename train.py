@@ -38,7 +38,7 @@ HELDOUT_N = 64  # held-out samples whose loss is logged
 DEFAULT_UNETS = "base-small,super-small"
 MAX_UNUSABLE = 1000  # consecutive unusable samples (unreadable image or no caption) before training stops
 DEFAULT_MINUTES = "13,5"  # the default cascade's budget: 20 minutes in all on a 2-core CPU, with start-up and samples
-DEFAULT_RUN_STEPS = ((3428, 1838), (491, 251))  # per stage of the default run: steps measured (idle, one core busy), README
+DEFAULT_RUN_STEPS = ((2967, 1848), (1547, 863))  # per stage of the default run: steps measured (idle, one core busy), README
 MAX_BAD_STEPS = 10  # consecutive non-finite losses before training stops
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile modes
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # these replay CUDA graphs on a GPU
@@ -79,8 +79,9 @@ def parse_args(argv=None):
     a("--schedule", default="cosine", help="noise schedule per U-Net: " + ", ".join(registry.SCHEDULES.names()))
     a("--timesteps", default="1000", help="diffusion steps T per U-Net")
     a("--min-snr-gamma", default="5", help="Min-SNR-γ loss weighting per U-Net (0 = off; ddpm U-Nets only)")
-    a("--crop", default="0", help="super-resolution U-Nets: train on random crops of this side, sample whole images "
-      "(Imagen App. F; a comma list per U-Net, 0 = whole images; the base takes 0)")
+    a("--crop", default=None, help="super-resolution U-Nets train on random crops of this side and sample whole "
+      "images (Imagen App. F); a comma list per U-Net, 0 = whole images, the base takes 0 (default: half of each "
+      "super-resolution size, 0 for the base: 3.4x the steps per minute, measured, see README)")
     a("--cond-drop-prob", type=float, default=0.1, help="probability of dropping the text (classifier-free guidance)")
     a("--cond-scale", default=None, help="default guidance scale per U-Net, stored for sampling (default: 3 for the "
       "base, 1 for super-resolution stages: measured best on shapes)")
@@ -129,8 +130,8 @@ def build_config(args, encoder):
         raise ValueError(f"--sizes {args.sizes!r} gives {len(sizes)} sizes for {n} U-Nets {names}")
     if sizes != sorted(set(sizes)):
         raise ValueError(f"--sizes {args.sizes!r} must be strictly increasing")
-    for k, (name, size) in enumerate(zip(names, sizes)):
-        m = unet.size_multiple(**registry.UNETS[name])
+    multiples = [unet.size_multiple(**registry.UNETS[name]) for name in names]
+    for k, (name, size, m) in enumerate(zip(names, sizes, multiples)):
         if size < m or size % m:
             raise ValueError(f"--sizes {args.sizes!r}: {size} (U-Net {k}, {name}) must be a positive multiple of {m}, "
                              f"which this U-Net downsamples by")
@@ -142,9 +143,10 @@ def build_config(args, encoder):
             raise ValueError(f"--target {target!r} for U-Net {k} ({family}): edm U-Nets take edm, ddpm ones eps, x0 or v")
     per = dict(target=targets, schedule=csv(args.schedule, str, n, "--schedule"),
                timesteps=csv(args.timesteps, int, n, "--timesteps"),
-               min_snr_gamma=csv(args.min_snr_gamma, float, n, "--min-snr-gamma"), crop=csv(args.crop, int, n, "--crop"))
-    for k, (name, size, crop) in enumerate(zip(names, sizes, per["crop"])):
-        m = unet.size_multiple(**registry.UNETS[name])
+               min_snr_gamma=csv(args.min_snr_gamma, float, n, "--min-snr-gamma"))
+    per["crop"] = ([0] + [size // 2 // m * m for size, m in zip(sizes[1:], multiples[1:])] if args.crop is None
+                   else csv(args.crop, int, n, "--crop"))
+    for k, (name, size, crop, m) in enumerate(zip(names, sizes, per["crop"], multiples)):
         if crop and (k == 0 or not 0 < crop < size or crop % m):
             raise ValueError(f"--crop {args.crop!r}: {crop} for U-Net {k} ({name}); a super-resolution U-Net takes 0 "
                              f"or a multiple of {m} below its size {size}, the base 0")
@@ -484,7 +486,8 @@ def train_stage(args, config, cascade, trainers, k, cache, dataset, heldout, log
 def reached(args, k, steps, seconds):
     """The line a finished stage prints: steps and minutes, and for the default run what the README measured."""
     line = f"unet{k}: {steps} steps in {seconds / 60:.1f} minutes"
-    if (args.unets, args.minutes, args.steps, args.data) == (DEFAULT_UNETS, DEFAULT_MINUTES, "0", "shapes"):
+    if (args.unets, args.minutes, args.steps, args.data, args.crop) == (DEFAULT_UNETS, DEFAULT_MINUTES, "0", "shapes",
+                                                                        None):
         idle, busy = DEFAULT_RUN_STEPS[k]
         line += (f" (the README's default run: {idle} steps on an idle 2-core CPU, {busy} with one core busy; "
                  "fewer steps than that mean lower scores)")
