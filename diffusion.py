@@ -150,6 +150,12 @@ class Diffusion(torch.nn.Module):
         clipped = snr.clamp(max=min_snr_gamma)  # [b]
         return {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[target]
 
+    def x0_loss_weight(self, t, target):
+        """Weights [b] that turn the MSE on `target` into the MSE on x0 (Salimans & Ho 2022, §4)."""
+        _check_target(target)
+        snr = self.snr(t)  # [b]
+        return {"eps": 1 / snr, "x0": torch.ones_like(snr), "v": 1 / (snr + 1)}[target]
+
     def sample_times(self, batch, device, generator=None):
         """Uniform random training times, LongTensor [batch]."""
         return torch.randint(self.num_timesteps, (batch,), device=device, generator=generator)
@@ -242,6 +248,11 @@ class EDM(torch.nn.Module):
         if min_snr_gamma is not None:
             raise ValueError(f"min_snr_gamma {min_snr_gamma!r} is a ddpm-family weighting; an edm stage needs None")
         return torch.ones_like(sigma, dtype=torch.float32)
+
+    def x0_loss_weight(self, sigma, target):
+        """Weights [b] that turn the MSE on F into the MSE on x0 = D: c_out² (Eq. 7)."""
+        _check_target(target, self.TARGETS)
+        return self.preconditioning(sigma, sigma)[1].float() ** 2  # [b]
 
     def sample_times(self, batch, device, generator=None):
         """Training σ with ln σ ~ N(P_mean, P_std²) (Table 1), float [batch]."""

@@ -76,8 +76,9 @@ class Stage(nn.Module):
         noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
         return d.model_input(d.q_sample(images, t, noise), t), d.model_time(t)
 
-    def forward(self, images, text_embeds, text_mask):
-        """Diffusion training loss for images [b, c, size, size] in [-1, 1] (Min-SNR or EDM weighted)."""
+    def forward(self, images, text_embeds, text_mask, layout_level=None):
+        """Diffusion training loss for images [b, c, size, size] in [-1, 1] (Min-SNR or EDM weighted); with a
+        layout_level, the x0 MSE at noise levels drawn from [layout_level, 1] only (train.py --layout-phase)."""
         d, s = self.diffusion, self.settings
         lowres = {}
         if self.lowres_size is not None:  # normalise -> down -> up -> noise, exactly as at sampling
@@ -85,14 +86,21 @@ class Stage(nn.Module):
             if s["crop"]:  # the U-Net is convolutional: it samples whole images after training on crops
                 images, small = random_crops((images, small), s["crop"])  # [b, c, crop, crop] each
             lowres["lowres_img"], lowres["lowres_noise_time"] = self.noised_lowres(small)
-        t = d.sample_times(images.shape[0], images.device)  # [b]
+        b = images.shape[0]
+        if layout_level is None:
+            t = d.sample_times(b, images.device)  # [b]
+            weight = d.loss_weight(t, s["target"], s["min_snr_gamma"])  # [b]
+        else:  # where the layout is decided; Min-SNR weights these levels down to a few hundredths of an x0 MSE
+            t = d.time_for_noise_level(layout_level + (1 - layout_level) * torch.rand(b, device=images.device), b,
+                                       images.device)  # [b]
+            weight = d.x0_loss_weight(t, s["target"])  # [b]
         noise = torch.randn_like(images)
         x_t = d.q_sample(images, t, noise)
         out = self.unet(d.model_input(x_t, t), d.model_time(t), text_embeds, text_mask,
                         cond_drop_prob=s["cond_drop_prob"], **lowres)
         target = d.training_target(images, noise, t, s["target"])
         mse = (out.float() - target).pow(2).mean(dim=(1, 2, 3))  # [b]
-        return (mse * d.loss_weight(t, s["target"], s["min_snr_gamma"])).mean()
+        return (mse * weight).mean()
 
     def check_sampler(self, sampler, k):
         """ValueError naming the sampler and why, if it cannot run on this stage's diffusion family."""

@@ -38,6 +38,7 @@ HELDOUT_N = 64  # held-out samples whose loss is logged
 DEFAULT_UNETS = "base-small,super-small"
 MAX_UNUSABLE = 1000  # consecutive unusable samples (unreadable image or no caption) before training stops
 DEFAULT_MINUTES = "13,5"  # the default cascade's budget: 20 minutes in all on a 2-core CPU, with start-up and samples
+DEFAULT_LAYOUT_PHASE = 0.25  # of the base's budget: see README, sixth round
 DEFAULT_RUN_STEPS = ((2967, 1848), (1547, 863))  # per stage of the default run, steps (idle, one core busy): README
 MAX_BAD_STEPS = 10  # consecutive non-finite losses before training stops
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile modes
@@ -66,6 +67,11 @@ def parse_args(argv=None):
     a("--warmup", type=int, default=100, help="linear learning-rate warmup steps")
     a("--lr-final", type=float, default=1.0, help="learning rate at the end of the step or time budget, as a "
       "fraction of --lr, reached by cosine decay (default 1: constant, measured best for the default run)")
+    a("--layout-phase", default=None, help="fraction of each U-Net's budget, at its end, trained only at noise "
+      "levels from --layout-level to 1 with a plain x0 loss, where Min-SNR weighting leaves the layout (which object "
+      f"goes where) unlearned; a comma list per U-Net (default: {DEFAULT_LAYOUT_PHASE} for the base, 0 for "
+      "super-resolution U-Nets, measured, see README)")
+    a("--layout-level", type=float, default=0.9, help="lowest noise level of the layout phase (0..1)")
     a("--grad-clip", type=float, default=1.0, help="max global gradient norm")
     a("--ema-decay", type=float, default=0.995, help="EMA decay, warmed up as min(decay, (1+n)/(10+n))")
     a("--precision", default="fp32", help="autocast precision per U-Net: fp32, bf16 or fp16 (comma list or one value)")
@@ -285,6 +291,7 @@ class Trainer:
         self.ema = AveragedModel(self.stage.unet, multi_avg_fn=ema_multi_avg(args.ema_decay), use_buffers=True)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.step, self.position, self.elapsed, self.skipped, self.bad_steps = 0, 0, 0.0, 0, 0
+        self.level = None  # the layout level of the last step (None: the Min-SNR loss over all levels)
         self.data_digest = ""  # a running sha1 of the captions trained on, in order (see `batches`)
         self.saved_step, self.signum = None, 0  # the step on disk; a stop signal that any rank received
         self.threads = ThreadTuner.for_run(args.threads, device)
@@ -340,6 +347,10 @@ class Trainer:
             self.elapsed, self.signum = shared[0].item(), int(shared[1].item())
         return self.progress() >= 1 or self.signum != 0
 
+    def layout_level(self):
+        """--layout-level during the layout phase, the last --layout-phase of the budget, else None."""
+        return self.args.layout_level if self.progress() >= 1 - self.args.layout_phases[self.k] else None
+
     def lr(self):
         """Linear warmup, then cosine decay to lr * lr_final at the end of the budget (Loshchilov & Hutter 2017)."""
         warmup = min(1.0, (self.step + 1) / max(1, self.args.warmup))
@@ -363,12 +374,13 @@ class Trainer:
         torch.manual_seed(hash((self.args.seed, self.k, self.rank, self.step)) % 2**63)  # exact resume, no RNG state
         for group in self.opt.param_groups:
             group["lr"] = self.lr()
-        total = 0.0
+        total, level = 0.0, self.layout_level()
+        self.level = level  # logged with the step
         for i, (images, emb, mask) in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             sync = self.model.no_sync() if self.world > 1 and not last else contextlib.nullcontext()
             with sync, torch.autocast(**self.autocast):
-                loss = self.model(images, emb, mask) / len(micro_batches)
+                loss = self.model(images, emb, mask, layout_level=level) / len(micro_batches)
             self.scaler.scale(loss).backward()
             total += loss.detach()
         self.scaler.unscale_(self.opt)
@@ -486,8 +498,8 @@ def train_stage(args, config, cascade, trainers, k, cache, dataset, heldout, log
 def reached(args, k, steps, seconds):
     """The line a finished stage prints: steps and minutes, and for the default run what the README measured."""
     line = f"unet{k}: {steps} steps in {seconds / 60:.1f} minutes"
-    if (args.unets, args.minutes, args.steps, args.data, args.crop) == (DEFAULT_UNETS, DEFAULT_MINUTES, "0", "shapes",
-                                                                        None):
+    if (args.unets, args.minutes, args.steps, args.data, args.crop, args.layout_phase) == (
+            DEFAULT_UNETS, DEFAULT_MINUTES, "0", "shapes", None, None):
         idle, busy = DEFAULT_RUN_STEPS[k]
         line += (f" (the README's default run: {idle} steps on an idle 2-core CPU, {busy} with one core busy; "
                  "fewer steps than that mean lower scores)")
@@ -524,7 +536,8 @@ def run_steps(args, config, cascade, trainers, k, cache, dataset, heldout, log):
             if outcome != "applied":
                 continue
             if t.step % args.log_every == 0:
-                log(dict(unet=k, step=t.step, loss=loss, lr=t.lr(), img_per_s=round(ips, 1), threads=threads,
+                log(dict(unet=k, step=t.step, loss=loss, lr=t.lr(), layout_level=t.level,
+                         img_per_s=round(ips, 1), threads=threads,
                          skipped=t.skipped, minutes=round(t.elapsed / 60, 2), data_digest=t.data_digest[:16]))
             if args.save_every and t.step % args.save_every == 0:
                 t.save(config)
@@ -585,6 +598,11 @@ def prepare(args):
     if set(layouts) - {0, 1}:
         raise ValueError(f"--channels-last {args.channels_last!r}: give 1 (channels_last) or 0 per U-Net")
     args.precisions, args.channels_lasts = precisions, [bool(v) for v in layouts]
+    args.layout_phases = ([DEFAULT_LAYOUT_PHASE] + [0.0] * (n - 1) if args.layout_phase is None
+                          else csv(args.layout_phase, float, n, "--layout-phase"))
+    if not all(0 <= f <= 1 for f in args.layout_phases) or not 0 <= args.layout_level < 1:
+        raise ValueError(f"--layout-phase {args.layout_phase!r} / --layout-level {args.layout_level!r}: the phase is a "
+                         "fraction of the budget in [0, 1], the level a noise level in [0, 1)")
     if args.compile in CUDA_GRAPH_MODES and args.grad_accum > 1:  # measured on an H200: the graphs raise
         raise ValueError(f"--compile {args.compile} needs --grad-accum 1 (got {args.grad_accum}): a CUDA graph's "
                          "replay overwrites the gradients that the last micro-step left; use --compile default")

@@ -243,6 +243,8 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path, cache_dir):
     ("train.py", ["--threads", "0"], "--threads '0'"),
     ("train.py", ["--crop", "16"], "16 for U-Net 0 (base-small)"),
     ("train.py", ["--crop", "0,30"], "30 for U-Net 1 (super-small)"),
+    ("train.py", ["--layout-phase", "1.5"], "--layout-phase '1.5'"),
+    ("train.py", ["--layout-level", "1"], "--layout-level 1.0"),
     ("sample.py", ["--ckpt", "/does/not/exist", "--prompt", "x"], "/does/not/exist"),
     ("sample.py", ["--prompt", "x"], "--ckpt"),
 ])
@@ -439,6 +441,28 @@ def test_learning_rate_warms_up_then_decays_to_the_final_fraction():
     t, _ = trainer_for("--minutes", "2", "--lr-final", "0.5")  # a time budget: progress is the elapsed fraction
     t.step, t.elapsed = 10_000, 60.0
     assert t.progress() == pytest.approx(0.5) and t.lr() == pytest.approx(1e-3 * 0.75) and not t.finished()
+
+
+def layout_levels(trainer, steps):
+    """The layout level of each step of a `steps`-step budget."""
+    levels = []
+    for step in range(steps):
+        trainer.step = step
+        levels.append(trainer.layout_level())
+    return levels
+
+
+def test_the_layout_phase_is_the_last_fraction_of_the_base_budget_and_off_for_super_resolution():
+    t, args = trainer_for("--steps", "8")
+    assert args.layout_phases == [train_module.DEFAULT_LAYOUT_PHASE, 0.0] and train_module.DEFAULT_LAYOUT_PHASE > 0
+    assert layout_levels(t, 8) == [None] * 6 + [0.9] * 2  # progress 6/8 = 1 - 0.25: the last quarter of the steps
+    t, _ = trainer_for("--minutes", "4", "--layout-phase", "0.5,0", "--layout-level", "0.8")  # a time budget
+    t.elapsed = 119.0
+    assert t.layout_level() is None
+    t.elapsed = 120.0
+    assert t.layout_level() == 0.8
+    t, _ = trainer_for("--steps", "8", "--layout-phase", "0")
+    assert layout_levels(t, 8) == [None] * 8
 
 
 def test_resuming_with_another_encoder_of_the_same_width_names_the_encoder(tmp_path):

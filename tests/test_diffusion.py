@@ -161,6 +161,19 @@ def test_min_snr_weights_match_their_definitions(schedule, T, gamma, seed):
 
 
 @FAST
+@given(schedules, num_timesteps, targets, shapes, seeds)
+def test_x0_loss_weight_turns_each_targets_mse_into_the_x0_mse(schedule, T, target, shape, seed):
+    diffusion = make_diffusion(schedule, T)
+    x0, eps, output = randn((2, *shape), seed), randn((2, *shape), seed + 1), randn((2, *shape), seed + 2)
+    t = random_times(diffusion, 2, seed).clamp(max=T - 2)  # the last step of a clipped schedule has snr ~ 0
+    xt = diffusion.q_sample(x0, t, eps)
+    dims = tuple(range(1, x0.ndim))
+    target_mse = (output - diffusion.training_target(x0, eps, t, target)).double().pow(2).mean(dims)  # [2]
+    x0_mse = (diffusion.x0_eps_from_output(output, xt, t, target)[0] - x0).double().pow(2).mean(dims)  # [2]
+    assert torch.allclose(target_mse * diffusion.x0_loss_weight(t, target), x0_mse, rtol=1e-3, atol=1e-6)
+
+
+@FAST
 @given(schedules, num_timesteps, st.integers(1, 8), seeds, st.floats(0, 1))
 def test_times_noise_levels_and_model_time(schedule, T, batch, seed, level):
     diffusion = make_diffusion(schedule, T)

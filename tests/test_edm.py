@@ -75,6 +75,17 @@ def test_training_sigmas_are_log_normal_and_the_loss_is_unweighted():
 
 
 @FAST
+@given(st.floats(0.002, 80), st.integers(0, 2 ** 31 - 1))
+def test_x0_loss_weight_turns_the_loss_on_f_into_the_x0_mse(sigma, seed):
+    edm, g = EDM(), torch.Generator().manual_seed(seed)
+    x0, eps, output = (torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    sigmas = torch.full((2,), sigma, dtype=torch.float64)
+    f_mse = (output - edm.training_target(x0, eps, sigmas, "edm")).pow(2).mean((1, 2, 3))  # [2]
+    x0_mse = (edm.x0_eps_from_output(output, edm.q_sample(x0, sigmas, eps), sigmas, "edm")[0] - x0).pow(2).mean((1, 2, 3))
+    assert torch.allclose(f_mse * edm.x0_loss_weight(sigmas, "edm").double(), x0_mse, rtol=1e-4)
+
+
+@FAST
 @given(st.integers(1, 300))
 def test_karras_sigmas_run_from_sigma_max_to_sigma_min_evenly_in_the_rho_th_root(steps):
     levels = torch.tensor(karras_sigmas(steps, 0.002, 80.0, 7.0), dtype=torch.float64)

@@ -67,6 +67,22 @@ def test_a_super_resolution_stage_trains_on_crops_and_samples_whole_images():
     assert seen == [8, 32]
 
 
+@pytest.mark.parametrize("target", ["eps", "x0", "v"])
+def test_the_layout_loss_is_the_x0_mse_at_noise_levels_from_the_layout_level_up(target):
+    torch.manual_seed(0)
+    base = imagen.Imagen(tiny_config(target=target)).stages[0]
+    for p in base.parameters():  # an untrained U-Net predicts 0: random weights make the x0 error depend on them
+        torch.nn.init.normal_(p, std=0.05)
+    d, seen = base.diffusion, {}
+    base.unet.register_forward_hook(lambda module, args, output: seen.update(xt=args[0], time=args[1], out=output))
+    images = torch.rand(64, 3, 16, 16) * 2 - 1
+    loss = base(images, *text(64), layout_level=0.9)
+    t = (seen["time"] * (d.num_timesteps - 1)).round().long()  # [64]: model_time is t / (T - 1)
+    assert t.min() >= round(0.9 * (d.num_timesteps - 1)) and t.max() == d.num_timesteps - 1
+    x0 = d.x0_eps_from_output(seen["out"], seen["xt"], t, target)[0]
+    assert torch.allclose(loss, (x0 - images).pow(2).mean(), rtol=1e-4)
+
+
 def test_sampling_runs_the_chain_and_returns_images_in_0_1(cascade):
     emb, mask = text(2)
     g = torch.Generator().manual_seed(0)
