@@ -38,7 +38,7 @@ HELDOUT_N = 64  # held-out samples whose loss is logged
 DEFAULT_UNETS = "base-small,super-small"
 MAX_UNUSABLE = 1000  # consecutive unusable samples (unreadable image or no caption) before training stops
 DEFAULT_MINUTES = "13,5"  # the default cascade's budget: 20 minutes in all on a 2-core CPU, with start-up and samples
-DEFAULT_LAYOUT_PHASE = 0.25  # of the base's budget: see README, sixth round
+DEFAULT_LAYOUT_PHASE = "0.5:0.75"  # the base's layout phase: see README, sixth round
 DEFAULT_RUN_STEPS = ((2967, 1848), (1547, 863))  # per stage of the default run, steps (idle, one core busy): README
 MAX_BAD_STEPS = 10  # consecutive non-finite losses before training stops
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile modes
@@ -67,10 +67,11 @@ def parse_args(argv=None):
     a("--warmup", type=int, default=100, help="linear learning-rate warmup steps")
     a("--lr-final", type=float, default=1.0, help="learning rate at the end of the step or time budget, as a "
       "fraction of --lr, reached by cosine decay (default 1: constant, measured best for the default run)")
-    a("--layout-phase", default=None, help="fraction of each U-Net's budget, at its end, trained only at noise "
-      "levels from --layout-level to 1 with a plain x0 loss, where Min-SNR weighting leaves the layout (which object "
-      f"goes where) unlearned; a comma list per U-Net (default: {DEFAULT_LAYOUT_PHASE} for the base, 0 for "
-      "super-resolution U-Nets, measured, see README)")
+    a("--layout-phase", default=None, help="START:END, fractions of a U-Net's budget between which it trains only "
+      "at noise levels from --layout-level to 1, with a plain x0 loss: there the layout (which object goes where) is "
+      "decided, and Min-SNR weighting leaves it unlearned; the steps after END restore the other levels; a comma list "
+      f"per U-Net, 0 = none (default: {DEFAULT_LAYOUT_PHASE} for the base, 0 for super-resolution U-Nets, measured: "
+      "see README, sixth round)")
     a("--layout-level", type=float, default=0.9, help="lowest noise level of the layout phase (0..1)")
     a("--grad-clip", type=float, default=1.0, help="max global gradient norm")
     a("--ema-decay", type=float, default=0.995, help="EMA decay, warmed up as min(decay, (1+n)/(10+n))")
@@ -348,8 +349,9 @@ class Trainer:
         return self.progress() >= 1 or self.signum != 0
 
     def layout_level(self):
-        """--layout-level during the layout phase, the last --layout-phase of the budget, else None."""
-        return self.args.layout_level if self.progress() >= 1 - self.args.layout_phases[self.k] else None
+        """--layout-level inside this stage's --layout-phase window of the budget, else None."""
+        start, end = self.args.layout_phases[self.k]
+        return self.args.layout_level if start <= self.progress() < end else None
 
     def lr(self):
         """Linear warmup, then cosine decay to lr * lr_final at the end of the budget (Loshchilov & Hutter 2017)."""
@@ -374,13 +376,12 @@ class Trainer:
         torch.manual_seed(hash((self.args.seed, self.k, self.rank, self.step)) % 2**63)  # exact resume, no RNG state
         for group in self.opt.param_groups:
             group["lr"] = self.lr()
-        total, level = 0.0, self.layout_level()
-        self.level = level  # logged with the step
+        total, self.level = 0.0, self.layout_level()  # the level is logged with the step
         for i, (images, emb, mask) in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             sync = self.model.no_sync() if self.world > 1 and not last else contextlib.nullcontext()
             with sync, torch.autocast(**self.autocast):
-                loss = self.model(images, emb, mask, layout_level=level) / len(micro_batches)
+                loss = self.model(images, emb, mask, layout_level=self.level) / len(micro_batches)
             self.scaler.scale(loss).backward()
             total += loss.detach()
         self.scaler.unscale_(self.opt)
@@ -564,6 +565,17 @@ def json_line(record):
                        for key, v in record.items()}, allow_nan=False)
 
 
+def layout_window(window, flag):
+    """'START:END' -> (start, end) with 0 <= start < end <= 1; '0' -> (0, 0), no window."""
+    try:
+        start, end = (0.0, 0.0) if window == "0" else map(float, window.split(":"))
+    except ValueError:
+        start, end = -1.0, -1.0
+    if (start, end) != (0, 0) and not 0 <= start < end <= 1:
+        raise ValueError(f"--layout-phase {flag!r}: {window!r} is not START:END with 0 <= START < END <= 1, or 0")
+    return start, end
+
+
 def check_counts(args):
     """One-line errors for integer flags below their smallest meaningful value (LEAST)."""
     for name, least in LEAST.items():
@@ -598,11 +610,11 @@ def prepare(args):
     if set(layouts) - {0, 1}:
         raise ValueError(f"--channels-last {args.channels_last!r}: give 1 (channels_last) or 0 per U-Net")
     args.precisions, args.channels_lasts = precisions, [bool(v) for v in layouts]
-    args.layout_phases = ([DEFAULT_LAYOUT_PHASE] + [0.0] * (n - 1) if args.layout_phase is None
-                          else csv(args.layout_phase, float, n, "--layout-phase"))
-    if not all(0 <= f <= 1 for f in args.layout_phases) or not 0 <= args.layout_level < 1:
-        raise ValueError(f"--layout-phase {args.layout_phase!r} / --layout-level {args.layout_level!r}: the phase is a "
-                         "fraction of the budget in [0, 1], the level a noise level in [0, 1)")
+    windows = [DEFAULT_LAYOUT_PHASE] + ["0"] * (n - 1) if args.layout_phase is None else csv(args.layout_phase, str, n,
+                                                                                              "--layout-phase")
+    args.layout_phases = [layout_window(w, args.layout_phase) for w in windows]
+    if not 0 <= args.layout_level < 1:
+        raise ValueError(f"--layout-level {args.layout_level!r}: give a noise level in [0, 1)")
     if args.compile in CUDA_GRAPH_MODES and args.grad_accum > 1:  # measured on an H200: the graphs raise
         raise ValueError(f"--compile {args.compile} needs --grad-accum 1 (got {args.grad_accum}): a CUDA graph's "
                          "replay overwrites the gradients that the last micro-step left; use --compile default")

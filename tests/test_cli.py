@@ -243,7 +243,8 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path, cache_dir):
     ("train.py", ["--threads", "0"], "--threads '0'"),
     ("train.py", ["--crop", "16"], "16 for U-Net 0 (base-small)"),
     ("train.py", ["--crop", "0,30"], "30 for U-Net 1 (super-small)"),
-    ("train.py", ["--layout-phase", "1.5"], "--layout-phase '1.5'"),
+    ("train.py", ["--layout-phase", "1.5"], "'1.5' is not START:END"),
+    ("train.py", ["--layout-phase", "0.8:0.2,0"], "'0.8:0.2' is not START:END"),
     ("train.py", ["--layout-level", "1"], "--layout-level 1.0"),
     ("sample.py", ["--ckpt", "/does/not/exist", "--prompt", "x"], "/does/not/exist"),
     ("sample.py", ["--prompt", "x"], "--ckpt"),
@@ -452,17 +453,17 @@ def layout_levels(trainer, steps):
     return levels
 
 
-def test_the_layout_phase_is_the_last_fraction_of_the_base_budget_and_off_for_super_resolution():
+def test_the_layout_phase_is_a_window_of_the_base_budget_and_off_for_super_resolution():
     t, args = trainer_for("--steps", "8")
-    assert args.layout_phases == [train_module.DEFAULT_LAYOUT_PHASE, 0.0] and train_module.DEFAULT_LAYOUT_PHASE > 0
-    assert layout_levels(t, 8) == [None] * 6 + [0.9] * 2  # progress 6/8 = 1 - 0.25: the last quarter of the steps
-    t, _ = trainer_for("--minutes", "4", "--layout-phase", "0.5,0", "--layout-level", "0.8")  # a time budget
-    t.elapsed = 119.0
-    assert t.layout_level() is None
-    t.elapsed = 120.0
-    assert t.layout_level() == 0.8
+    assert args.layout_phases == [(0.5, 0.75), (0, 0)] and train_module.DEFAULT_LAYOUT_PHASE == "0.5:0.75"
+    assert layout_levels(t, 8) == [None] * 4 + [0.9] * 2 + [None] * 2  # steps at progress 4/8 and 5/8
     t, _ = trainer_for("--steps", "8", "--layout-phase", "0")
     assert layout_levels(t, 8) == [None] * 8
+    t, _ = trainer_for("--minutes", "4", "--layout-phase", "0:0.5", "--layout-level", "0.8")  # a time budget
+    t.elapsed = 119.0
+    assert t.layout_level() == 0.8
+    t.elapsed = 120.0  # half of the 4 minutes
+    assert t.layout_level() is None
 
 
 def test_resuming_with_another_encoder_of_the_same_width_names_the_encoder(tmp_path):
