@@ -317,8 +317,8 @@ out, rank, calls = sys.argv[1], int(os.environ["RANK"]), []
 forward, save = imagen.Stage.forward, train.Trainer.save
 
 
-def forward_with_a_nan_loss_on_rank_1(self, *inputs):
-    loss = forward(self, *inputs)
+def forward_with_a_nan_loss_on_rank_1(self, *inputs, **options):
+    loss = forward(self, *inputs, **options)
     calls.append(1)
     if rank == 1 and len(calls) == 2:  # rank 1 alone sees a NaN loss at the second step; its gradients stay finite
         loss = loss + float("nan") * loss.detach()
