@@ -38,8 +38,8 @@ HELDOUT_N = 64  # held-out samples whose loss is logged
 DEFAULT_UNETS = "base-small,super-small"
 MAX_UNUSABLE = 1000  # consecutive unusable samples (unreadable image or no caption) before training stops
 DEFAULT_MINUTES = "13,5"  # the default cascade's budget: 20 minutes in all on a 2-core CPU, with start-up and samples
-DEFAULT_LAYOUT_PHASE = "0.5:0.75"  # the base's layout phase: see README, sixth round
-DEFAULT_RUN_STEPS = ((2970, 1818), (1521, 859))  # per stage of the default run, steps (idle, one core busy): README
+DEFAULT_LAYOUT_PHASE = "0"  # off: 0.5:0.75 won idle (k3) and lost with one core busy (k4), README sixth round
+DEFAULT_RUN_STEPS = ((2967, 1848), (1547, 863))  # per stage of the default run, steps (idle, one core busy): README
 MAX_BAD_STEPS = 10  # consecutive non-finite losses before training stops
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile modes
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # these replay CUDA graphs on a GPU
@@ -70,8 +70,7 @@ def parse_args(argv=None):
     a("--layout-phase", default=None, help="START:END, fractions of a U-Net's budget between which it trains only "
       "at noise levels from --layout-level to 1, with a plain x0 loss: there the layout (which object goes where) is "
       "decided, and Min-SNR weighting leaves it unlearned; the steps after END restore the other levels; a comma list "
-      f"per U-Net, 0 = none (default: {DEFAULT_LAYOUT_PHASE} for the base, 0 for super-resolution U-Nets, measured: "
-      "see README, sixth round)")
+      "per U-Net, 0 = none (default 0; 0.5:0.75 for the base measured in the README, sixth round)")
     a("--layout-level", type=float, default=0.9, help="lowest noise level of the layout phase (0..1)")
     a("--grad-clip", type=float, default=1.0, help="max global gradient norm")
     a("--ema-decay", type=float, default=0.995, help="EMA decay, warmed up as min(decay, (1+n)/(10+n))")

@@ -453,12 +453,11 @@ def layout_levels(trainer, steps):
     return levels
 
 
-def test_the_layout_phase_is_a_window_of_the_base_budget_and_off_for_super_resolution():
+def test_the_layout_phase_is_a_window_of_the_budget_and_off_by_default():
     t, args = trainer_for("--steps", "8")
-    assert args.layout_phases == [(0.5, 0.75), (0, 0)] and train_module.DEFAULT_LAYOUT_PHASE == "0.5:0.75"
+    assert args.layout_phases == [(0, 0), (0, 0)] and layout_levels(t, 8) == [None] * 8
+    t, _ = trainer_for("--steps", "8", "--layout-phase", "0.5:0.75,0")
     assert layout_levels(t, 8) == [None] * 4 + [0.9] * 2 + [None] * 2  # steps at progress 4/8 and 5/8
-    t, _ = trainer_for("--steps", "8", "--layout-phase", "0")
-    assert layout_levels(t, 8) == [None] * 8
     t, _ = trainer_for("--minutes", "4", "--layout-phase", "0:0.5", "--layout-level", "0.8")  # a time budget
     t.elapsed = 119.0
     assert t.layout_level() == 0.8
