@@ -38,7 +38,6 @@ HELDOUT_N = 64  # held-out samples whose loss is logged
 DEFAULT_UNETS = "base-small,super-small"
 MAX_UNUSABLE = 1000  # consecutive unusable samples (unreadable image or no caption) before training stops
 DEFAULT_MINUTES = "13,5"  # the default cascade's budget: 20 minutes in all on a 2-core CPU, with start-up and samples
-DEFAULT_LAYOUT_PHASE = "0"  # off: 0.5:0.75 won idle (k3) and lost with one core busy (k4), README sixth round
 DEFAULT_RUN_STEPS = ((2967, 1848), (1547, 863))  # per stage of the default run, steps (idle, one core busy): README
 MAX_BAD_STEPS = 10  # consecutive non-finite losses before training stops
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile modes
@@ -67,7 +66,7 @@ def parse_args(argv=None):
     a("--warmup", type=int, default=100, help="linear learning-rate warmup steps")
     a("--lr-final", type=float, default=1.0, help="learning rate at the end of the step or time budget, as a "
       "fraction of --lr, reached by cosine decay (default 1: constant, measured best for the default run)")
-    a("--layout-phase", default=None, help="START:END, fractions of a U-Net's budget between which it trains only "
+    a("--layout-phase", default="0", help="START:END, fractions of a U-Net's budget between which it trains only "
       "at noise levels from --layout-level to 1, with a plain x0 loss: there the layout (which object goes where) is "
       "decided, and Min-SNR weighting leaves it unlearned; the steps after END restore the other levels; a comma list "
       "per U-Net, 0 = none (default 0; 0.5:0.75 for the base measured in the README, sixth round)")
@@ -499,7 +498,7 @@ def reached(args, k, steps, seconds):
     """The line a finished stage prints: steps and minutes, and for the default run what the README measured."""
     line = f"unet{k}: {steps} steps in {seconds / 60:.1f} minutes"
     if (args.unets, args.minutes, args.steps, args.data, args.crop, args.layout_phase) == (
-            DEFAULT_UNETS, DEFAULT_MINUTES, "0", "shapes", None, None):
+            DEFAULT_UNETS, DEFAULT_MINUTES, "0", "shapes", None, "0"):
         idle, busy = DEFAULT_RUN_STEPS[k]
         line += (f" (the README's default run: {idle} steps on an idle 2-core CPU, {busy} with one core busy; "
                  "fewer steps than that mean lower scores)")
@@ -609,9 +608,7 @@ def prepare(args):
     if set(layouts) - {0, 1}:
         raise ValueError(f"--channels-last {args.channels_last!r}: give 1 (channels_last) or 0 per U-Net")
     args.precisions, args.channels_lasts = precisions, [bool(v) for v in layouts]
-    windows = [DEFAULT_LAYOUT_PHASE] + ["0"] * (n - 1) if args.layout_phase is None else csv(args.layout_phase, str, n,
-                                                                                              "--layout-phase")
-    args.layout_phases = [layout_window(w, args.layout_phase) for w in windows]
+    args.layout_phases = [layout_window(w, args.layout_phase) for w in csv(args.layout_phase, str, n, "--layout-phase")]
     if not 0 <= args.layout_level < 1:
         raise ValueError(f"--layout-level {args.layout_level!r}: give a noise level in [0, 1)")
     if args.compile in CUDA_GRAPH_MODES and args.grad_accum > 1:  # measured on an H200: the graphs raise
