@@ -38,6 +38,7 @@ HELDOUT_N = 64  # held-out samples whose loss is logged
 DEFAULT_UNETS = "base-small,super-small"
 MAX_UNUSABLE = 1000  # consecutive unusable samples (unreadable image or no caption) before training stops
 DEFAULT_MINUTES = "13,5"  # the default cascade's budget: 20 minutes in all on a 2-core CPU, with start-up and samples
+DEFAULT_LAYOUT_PHASE = "0.5:0.75"  # the base's layout phase, where the machine is fast enough: README, sixth round
 DEFAULT_RUN_STEPS = ((2967, 1848), (1547, 863))  # per stage of the default run, steps (idle, one core busy): README
 MAX_BAD_STEPS = 10  # consecutive non-finite losses before training stops
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile modes
@@ -66,11 +67,15 @@ def parse_args(argv=None):
     a("--warmup", type=int, default=100, help="linear learning-rate warmup steps")
     a("--lr-final", type=float, default=1.0, help="learning rate at the end of the step or time budget, as a "
       "fraction of --lr, reached by cosine decay (default 1: constant, measured best for the default run)")
-    a("--layout-phase", default="0", help="START:END, fractions of a U-Net's budget between which it trains only "
+    a("--layout-phase", default=None, help="START:END, fractions of a U-Net's budget between which it trains only "
       "at noise levels from --layout-level to 1, with a plain x0 loss: there the layout (which object goes where) is "
       "decided, and Min-SNR weighting leaves it unlearned; the steps after END restore the other levels; a comma list "
-      "per U-Net, 0 = none (default 0; 0.5:0.75 for the base measured in the README, sixth round)")
+      f"per U-Net, 0 = none (default: {DEFAULT_LAYOUT_PHASE} for the base, 0 for super-resolution U-Nets; README, "
+      "sixth and seventh rounds)")
     a("--layout-level", type=float, default=0.9, help="lowest noise level of the layout phase (0..1)")
+    a("--layout-min-steps", type=int, default=2800, help="the layout phase runs only while the U-Net is on course "
+      "for at least this many steps in its budget (steps so far / spent fraction): fewer leave too few steps before "
+      "and after the phase, and it costs more than it gives (README, seventh round); 0 = always")
     a("--grad-clip", type=float, default=1.0, help="max global gradient norm")
     a("--ema-decay", type=float, default=0.995, help="EMA decay, warmed up as min(decay, (1+n)/(10+n))")
     a("--precision", default="fp32", help="autocast precision per U-Net: fp32, bf16 or fp16 (comma list or one value)")
@@ -346,10 +351,16 @@ class Trainer:
             self.elapsed, self.signum = shared[0].item(), int(shared[1].item())
         return self.progress() >= 1 or self.signum != 0
 
-    def layout_level(self):
-        """--layout-level inside this stage's --layout-phase window of the budget, else None."""
+    def in_layout_window(self):
+        """Whether the spent fraction of the budget lies inside this stage's --layout-phase window."""
         start, end = self.args.layout_phases[self.k]
-        return self.args.layout_level if start <= self.progress() < end else None
+        return start <= self.progress() < end
+
+    def layout_level(self):
+        """--layout-level inside the --layout-phase window while the stage is on course for --layout-min-steps steps
+        (steps so far >= spent fraction * that), else None."""
+        on_course = self.step >= self.progress() * self.args.layout_min_steps
+        return self.args.layout_level if self.in_layout_window() and on_course else None
 
     def lr(self):
         """Linear warmup, then cosine decay to lr * lr_final at the end of the budget (Loshchilov & Hutter 2017)."""
@@ -498,7 +509,7 @@ def reached(args, k, steps, seconds):
     """The line a finished stage prints: steps and minutes, and for the default run what the README measured."""
     line = f"unet{k}: {steps} steps in {seconds / 60:.1f} minutes"
     if (args.unets, args.minutes, args.steps, args.data, args.crop, args.layout_phase) == (
-            DEFAULT_UNETS, DEFAULT_MINUTES, "0", "shapes", None, "0"):
+            DEFAULT_UNETS, DEFAULT_MINUTES, "0", "shapes", None, None):
         idle, busy = DEFAULT_RUN_STEPS[k]
         line += (f" (the README's default run: {idle} steps on an idle 2-core CPU, {busy} with one core busy; "
                  "fewer steps than that mean lower scores)")
@@ -516,7 +527,7 @@ def run_steps(args, config, cascade, trainers, k, cache, dataset, heldout, log):
     t, stage_cfg = trainers[k], config["stages"][k]
     loader = make_loader(args, dataset, t.position, t.rank, t.world)
     stream = batches(loader, cache, stage_cfg["size"], t.device, t)
-    shown = {}  # the tqdm line's last held-out loss
+    shown, told = {}, False  # the tqdm line's last held-out loss; whether a skipped layout phase was reported
     with tqdm(total=args.step_limits[k] or None, initial=t.step, desc=f"unet{k} {stage_cfg['unet']}",
               disable=t.rank != 0) as bar:  # closed before any one-line stop message
         while not t.finished():
@@ -534,6 +545,11 @@ def run_steps(args, config, cascade, trainers, k, cache, dataset, heldout, log):
                             f"stopped and saved the last good weights to {t.path} (try a lower --lr)", 1)
             if outcome != "applied":
                 continue
+            if t.in_layout_window() and t.layout_level() is None and not told:
+                told = True  # said once; the phase still starts if the machine speeds up
+                log(dict(unet=k, step=t.step, event=layout_skip(args, t)))
+                if t.rank == 0:
+                    tqdm.write(layout_skip(args, t))
             if t.step % args.log_every == 0:
                 log(dict(unet=k, step=t.step, loss=loss, lr=t.lr(), layout_level=t.level,
                          img_per_s=round(ips, 1), threads=threads,
@@ -548,6 +564,13 @@ def run_steps(args, config, cascade, trainers, k, cache, dataset, heldout, log):
                 held = heldout_loss(t, stage_cfg["size"], heldout, cache)
                 shown["heldout"] = f"{held:.4f}"
                 log(dict(unet=k, step=t.step, heldout_loss=held, minutes=round(t.elapsed / 60, 2)))
+
+
+def layout_skip(args, t):
+    """The line that says why a stage's layout phase does not run at this step."""
+    return (f"layout phase skipped: {t.step} steps at {t.progress():.0%} of the budget is on course for "
+            f"{t.step / t.progress():.0f} steps, fewer than --layout-min-steps {args.layout_min_steps}; the base will "
+            "not learn word order (README, seventh round)")
 
 
 def end_run(trainer, message, status):
@@ -608,9 +631,13 @@ def prepare(args):
     if set(layouts) - {0, 1}:
         raise ValueError(f"--channels-last {args.channels_last!r}: give 1 (channels_last) or 0 per U-Net")
     args.precisions, args.channels_lasts = precisions, [bool(v) for v in layouts]
-    args.layout_phases = [layout_window(w, args.layout_phase) for w in csv(args.layout_phase, str, n, "--layout-phase")]
+    windows = [DEFAULT_LAYOUT_PHASE] + ["0"] * (n - 1) if args.layout_phase is None else csv(args.layout_phase, str, n,
+                                                                                              "--layout-phase")
+    args.layout_phases = [layout_window(w, args.layout_phase) for w in windows]
     if not 0 <= args.layout_level < 1:
         raise ValueError(f"--layout-level {args.layout_level!r}: give a noise level in [0, 1)")
+    if args.layout_min_steps < 0:
+        raise ValueError(f"--layout-min-steps {args.layout_min_steps}: give a step count >= 0 (0: always)")
     if args.compile in CUDA_GRAPH_MODES and args.grad_accum > 1:  # measured on an H200: the graphs raise
         raise ValueError(f"--compile {args.compile} needs --grad-accum 1 (got {args.grad_accum}): a CUDA graph's "
                          "replay overwrites the gradients that the last micro-step left; use --compile default")

@@ -80,6 +80,9 @@ def test_train_writes_checkpoints_log_and_samples(trained):
         assert [imagen.load_checkpoint(p)["step"] for p in older] == [2]
     records = read_log(trained)
     assert {r["unet"] for r in records} == {0, 1}
+    skips = [r for r in records if r.get("event", "").startswith("layout phase skipped")]
+    assert [(r["unet"], r["step"]) for r in skips] == [(0, 2)]  # said once, where the base's window opens
+    assert "on course for 4 steps, fewer than --layout-min-steps 2800" in skips[0]["event"]
     assert Image.open(trained / "samples.png").size[0] > 32
 
 
@@ -246,6 +249,7 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path, cache_dir):
     ("train.py", ["--layout-phase", "1.5"], "'1.5' is not START:END"),
     ("train.py", ["--layout-phase", "0.8:0.2,0"], "'0.8:0.2' is not START:END"),
     ("train.py", ["--layout-level", "1"], "--layout-level 1.0"),
+    ("train.py", ["--layout-min-steps", "-1"], "--layout-min-steps -1"),
     ("sample.py", ["--ckpt", "/does/not/exist", "--prompt", "x"], "/does/not/exist"),
     ("sample.py", ["--prompt", "x"], "--ckpt"),
 ])
@@ -453,15 +457,21 @@ def layout_levels(trainer, steps):
     return levels
 
 
-def test_the_layout_phase_is_a_window_of_the_budget_and_off_by_default():
-    t, args = trainer_for("--steps", "8")
-    assert args.layout_phases == [(0, 0), (0, 0)] and layout_levels(t, 8) == [None] * 8
-    t, _ = trainer_for("--steps", "8", "--layout-phase", "0.5:0.75,0")
+def test_the_layout_phase_is_a_window_of_the_base_budget_on_a_machine_on_course_for_its_steps():
+    t, args = trainer_for("--steps", "8", "--layout-min-steps", "8")
+    assert args.layout_phases == [(0.5, 0.75), (0, 0)]  # the default: the base only
     assert layout_levels(t, 8) == [None] * 4 + [0.9] * 2 + [None] * 2  # steps at progress 4/8 and 5/8
-    t, _ = trainer_for("--minutes", "4", "--layout-phase", "0:0.5", "--layout-level", "0.8")  # a time budget
-    t.elapsed = 119.0
+    t, _ = trainer_for("--steps", "8", "--layout-phase", "0", "--layout-min-steps", "0")
+    assert layout_levels(t, 8) == [None] * 8
+    t, _ = trainer_for("--steps", "8")  # a budget of 8 steps is short of the default --layout-min-steps
+    assert layout_levels(t, 8) == [None] * 8
+    t, _ = trainer_for("--minutes", "4", "--layout-phase", "0:0.5", "--layout-level", "0.8", "--layout-min-steps",
+                       "1000")  # a time budget: whether the phase runs depends on the machine's speed
+    t.step, t.elapsed = 250, 60.0  # a quarter of the budget: on course for 1,000 steps
     assert t.layout_level() == 0.8
-    t.elapsed = 120.0  # half of the 4 minutes
+    t.step = 249  # on course for 996
+    assert t.layout_level() is None
+    t.step, t.elapsed = 10_000, 120.0  # half of the 4 minutes: the window has closed
     assert t.layout_level() is None
 
 
