@@ -38,8 +38,8 @@ HELDOUT_N = 64  # held-out samples whose loss is logged
 DEFAULT_UNETS = "base-small,super-small"
 MAX_UNUSABLE = 1000  # consecutive unusable samples (unreadable image or no caption) before training stops
 DEFAULT_MINUTES = "13,5"  # the default cascade's budget: 20 minutes in all on a 2-core CPU, with start-up and samples
-DEFAULT_LAYOUT_PHASE = "0.5:0.75"  # the base's layout phase, where the machine is fast enough: README, sixth round
-DEFAULT_RUN_STEPS = ((2967, 1848), (1547, 863))  # per stage of the default run, steps (idle, one core busy): README
+DEFAULT_LAYOUT_PHASE = "0.5:0.75"  # the base's layout phase, where the machine is fast enough: README, 6th/7th rounds
+DEFAULT_RUN_STEPS = ((3222, 1752), (1494, 819))  # per stage of the default run, steps (idle, one core busy): README
 MAX_BAD_STEPS = 10  # consecutive non-finite losses before training stops
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile modes
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # these replay CUDA graphs on a GPU
@@ -547,9 +547,10 @@ def run_steps(args, config, cascade, trainers, k, cache, dataset, heldout, log):
                 continue
             if t.in_layout_window() and t.layout_level() is None and not told:
                 told = True  # said once; the phase still starts if the machine speeds up
-                log(dict(unet=k, step=t.step, event=layout_skip(args, t)))
+                skip = layout_skip(args, t)
+                log(dict(unet=k, step=t.step, event=skip))
                 if t.rank == 0:
-                    tqdm.write(layout_skip(args, t))
+                    tqdm.write(skip)
             if t.step % args.log_every == 0:
                 log(dict(unet=k, step=t.step, loss=loss, lr=t.lr(), layout_level=t.level,
                          img_per_s=round(ips, 1), threads=threads,
@@ -568,9 +569,9 @@ def run_steps(args, config, cascade, trainers, k, cache, dataset, heldout, log):
 
 def layout_skip(args, t):
     """The line that says why a stage's layout phase does not run at this step."""
-    return (f"layout phase skipped: {t.step} steps at {t.progress():.0%} of the budget is on course for "
-            f"{t.step / t.progress():.0f} steps, fewer than --layout-min-steps {args.layout_min_steps}; the base will "
-            "not learn word order (README, seventh round)")
+    return (f"unet{t.k}: layout phase skipped: {t.step} steps at {t.progress():.0%} of the budget is on course for "
+            f"{t.step / t.progress():.0f} steps, fewer than --layout-min-steps {args.layout_min_steps}; without "
+            "the phase this U-Net will not learn word order (README, seventh round)")
 
 
 def end_run(trainer, message, status):
