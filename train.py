@@ -35,11 +35,11 @@ from sample import save_grid
 SAMPLE_PROMPTS = data.shapes_captions(8, seed=1234)  # the shapes grids' prompts
 GRID_PROMPTS = 8  # images in a sample grid
 HELDOUT_N = 64  # held-out samples whose loss is logged
-DEFAULT_UNETS = "base-small,super-small"
+DEFAULT_UNETS = "base-tiny,super-small"
 MAX_UNUSABLE = 1000  # consecutive unusable samples (unreadable image or no caption) before training stops
 DEFAULT_MINUTES = "13,5"  # the default cascade's budget: 20 minutes in all on a 2-core CPU, with start-up and samples
 DEFAULT_LAYOUT_PHASE = "0.5:0.75"  # the base's layout phase, where the machine is fast enough: README, 6th/7th rounds
-DEFAULT_RUN_STEPS = ((3222, 1752), (1494, 819))  # per stage of the default run, steps (idle, one core busy): README
+DEFAULT_RUN_STEPS = ((4477, 3193), (1424, 859))  # per stage of the default run, steps (idle, one core busy): README
 MAX_BAD_STEPS = 10  # consecutive non-finite losses before training stops
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile modes
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # these replay CUDA graphs on a GPU
@@ -72,7 +72,7 @@ def parse_args(argv=None):
       "decided, and Min-SNR weighting leaves it unlearned; the steps after END restore the other levels; a comma list "
       f"per U-Net, 0 = none (default: {DEFAULT_LAYOUT_PHASE} for the base, 0 for super-resolution U-Nets; README, "
       "sixth and seventh rounds)")
-    a("--layout-level", type=float, default=0.9, help="lowest noise level of the layout phase (0..1)")
+    a("--layout-level", type=float, default=0.95, help="lowest noise level of the layout phase (0..1): README, ninth round")
     a("--layout-min-steps", type=int, default=2800, help="the layout phase runs only while the U-Net is on course "
       "for at least this many steps in its budget (steps so far / spent fraction): fewer leave too few steps before "
       "and after the phase, and it costs more than it gives (README, seventh round); 0 = always")

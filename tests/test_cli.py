@@ -236,7 +236,7 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path, cache_dir):
     ("train.py", ["--compile", "reduce-overhead", "--grad-accum", "2"], "--grad-accum"),
     ("train.py", ["--unets", "base-test,super-test", "--sizes", "15,32"], "15 (U-Net 0, base-test) must be a positive "
      "multiple of 2"),
-    ("train.py", ["--sizes", "0,64"], "0 (U-Net 0, base-small) must be a positive multiple of 8"),
+    ("train.py", ["--sizes", "0,64"], "0 (U-Net 0, base-tiny) must be a positive multiple of 8"),
     ("train.py", ["--target", "v,noise"], "'noise'"),
     ("train.py", ["--timesteps", "1"], "--timesteps"),
     ("train.py", ["--grad-accum", "0"], "--grad-accum 0"),
@@ -244,7 +244,7 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path, cache_dir):
     ("train.py", ["--keep", "-1"], "--keep -1"),
     ("train.py", ["--log-every", "0"], "--log-every 0"),
     ("train.py", ["--threads", "0"], "--threads '0'"),
-    ("train.py", ["--crop", "16"], "16 for U-Net 0 (base-small)"),
+    ("train.py", ["--crop", "16"], "16 for U-Net 0 (base-tiny)"),
     ("train.py", ["--crop", "0,30"], "30 for U-Net 1 (super-small)"),
     ("train.py", ["--layout-phase", "1.5"], "'1.5' is not START:END"),
     ("train.py", ["--layout-phase", "0.8:0.2,0"], "'0.8:0.2' is not START:END"),
@@ -460,7 +460,7 @@ def layout_levels(trainer, steps):
 def test_the_layout_phase_is_a_window_of_the_base_budget_on_a_machine_on_course_for_its_steps():
     t, args = trainer_for("--steps", "8", "--layout-min-steps", "8")
     assert args.layout_phases == [(0.5, 0.75), (0, 0)]  # the default: the base only
-    assert layout_levels(t, 8) == [None] * 4 + [0.9] * 2 + [None] * 2  # steps at progress 4/8 and 5/8
+    assert layout_levels(t, 8) == [None] * 4 + [0.95] * 2 + [None] * 2  # steps at progress 4/8 and 5/8
     t, _ = trainer_for("--steps", "8", "--layout-phase", "0", "--layout-min-steps", "0")
     assert layout_levels(t, 8) == [None] * 8
     t, _ = trainer_for("--steps", "8")  # a budget of 8 steps is short of the default --layout-min-steps

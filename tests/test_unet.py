@@ -10,7 +10,7 @@ TEXT_DIM = 12
 # BaseTest with self- and cross-attention at every level, so that every attention path is exercised.
 ATTN_TEST = dict(registry.UNETS["BaseTest"], layer_attns=True, layer_cross_attns=True)
 MIX_TEST = dict(ATTN_TEST, text_kernel_size=3)  # ... and a convolution over neighbouring text tokens
-SMALL_PRESETS = ["BaseTest", "SuperTest", "BaseSmall", "SuperSmall", MIX_TEST]
+SMALL_PRESETS = ["BaseTest", "SuperTest", "BaseSmall", "BaseTiny", "SuperSmall", MIX_TEST]
 
 
 @pytest.fixture(autouse=True, scope="module")
