@@ -1,4 +1,4 @@
-"""String names -> components: noise schedules, samplers, thresholds, U-Net presets, text encoders.
+"""String names -> components: noise schedules, samplers, thresholds, U-Net presets, text encoders, recipes.
 
 Every name is looked up case- and separator-insensitively ("BaseSmall" == "base-small" == "base_small").
 Adding a schedule, sampler, preset or encoder is one entry here. Named entries never change meaning once
@@ -34,6 +34,25 @@ class Registry:
         return list(self._entries)
 
 
+def comma_list(value, cast, flag):
+    """'1,2' (or a list or one value) -> [cast(v), ...]; a ValueError naming the flag and the bad value."""
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    try:
+        return [cast(v) for v in items]
+    except ValueError as e:
+        raise ValueError(f"{flag} {value!r}: {e}") from None
+
+
+def broadcast(values, n, what):
+    """One value (or a one-item list) repeated n times; a list of n passes through; else a ValueError."""
+    values = list(values) if isinstance(values, (list, tuple)) else [values]
+    if len(values) == 1:
+        values *= n
+    if len(values) != n:
+        raise ValueError(f"{what}: got {len(values)} values {values}; give 1 or {n}")
+    return values
+
+
 SCHEDULES = Registry("noise schedule", {
     "linear": diffusion.linear_betas,
     "cosine": diffusion.cosine_betas,
@@ -62,50 +81,49 @@ THRESHOLDS = Registry("threshold", {
     "none": diffusion.no_threshold,
 })
 
-# U-Net presets: plain keyword data for unet.Unet (the cascade adds text_embed_dim from its encoder, and
-# lowres_cond=True for every stage after the first). Super* presets are efficient U-Nets (Imagen App. B.1).
-BASE_SMALL = dict(dim=32, dim_mults=(1, 2, 4), num_resnet_blocks=1, layer_attns=(False, True, True),
+# U-Net presets: the image side each is made for (`size`) and plain keyword data for unet.Unet (the cascade adds
+# text_embed_dim from its encoder, and lowres_cond=True for every stage after the first). Super* presets are efficient U-Nets (Imagen App. B.1).
+BASE_SMALL = dict(size=32, dim=32, dim_mults=(1, 2, 4), num_resnet_blocks=1, layer_attns=(False, True, True),
                   layer_cross_attns=(False, True, True), attn_heads=4, attn_dim_head=32, cond_dim=128,
                   max_text_len=16, memory_efficient=True, coord_channels=True, text_kernel_size=5)
 UNETS = Registry("unet preset", {
     # The MinImagen article's smoke-test presets.
-    "BaseTest": dict(dim=8, dim_mults=(1, 2), num_resnet_blocks=1, layer_attns=False, layer_cross_attns=False,
+    "BaseTest": dict(size=32, dim=8, dim_mults=(1, 2), num_resnet_blocks=1, layer_attns=False, layer_cross_attns=False,
                      attn_heads=2, attn_dim_head=8, cond_dim=16, max_text_len=16),
-    "SuperTest": dict(dim=8, dim_mults=(1, 2), num_resnet_blocks=(1, 1), layer_attns=False,
+    "SuperTest": dict(size=64, dim=8, dim_mults=(1, 2), num_resnet_blocks=(1, 1), layer_attns=False,
                       layer_cross_attns=False, attn_heads=2, attn_dim_head=8, cond_dim=16, max_text_len=16,
                       memory_efficient=True),
     # Imagen paper sizes (arXiv 2205.11487 App. F; ~1.6B / ~0.7B parameters with 512-d text).
-    "Base": dict(dim=512, dim_mults=(1, 2, 3, 4), num_resnet_blocks=3, layer_attns=(False, True, True, True),
+    "Base": dict(size=64, dim=512, dim_mults=(1, 2, 3, 4), num_resnet_blocks=3, layer_attns=(False, True, True, True),
                  layer_cross_attns=(False, True, True, True), attn_heads=8, attn_dim_head=64, cond_dim=512,
                  max_text_len=128),
-    "Super": dict(dim=128, dim_mults=(1, 2, 4, 8), num_resnet_blocks=(2, 4, 8, 8),
+    "Super": dict(size=256, dim=128, dim_mults=(1, 2, 4, 8), num_resnet_blocks=(2, 4, 8, 8),
                   layer_attns=(False, False, False, True), layer_cross_attns=(False, False, False, True),
                   attn_heads=8, attn_dim_head=64, cond_dim=512, max_text_len=128, memory_efficient=True),
     # CPU-trainable presets for the default 20-minute run (sizes settled by measurement, see README).
     "BaseSmall": BASE_SMALL,
-    # BaseSmall at half the width: 1.8x the steps per minute, so a machine with one core busy still has the steps
-    # for the base's layout phase (README, ninth round); the default base since then.
+    # BaseSmall at half the width: 1.8x the steps per minute (docs/experiments.md); the shapes recipe's base.
     "BaseTiny": {**BASE_SMALL, "dim": 16},
-    "SuperSmall": dict(dim=16, dim_mults=(1, 2, 4), num_resnet_blocks=1, layer_attns=False,
+    "SuperSmall": dict(size=64, dim=16, dim_mults=(1, 2, 4), num_resnet_blocks=1, layer_attns=False,
                        layer_cross_attns=(False, False, True), attn_heads=2, attn_dim_head=32, cond_dim=128,
                        max_text_len=16),
     # Real captioned images (photos, icons): none of the shapes-specific inputs (coordinates, a text convolution),
     # text long enough for real captions. One GPU (bf16): a 64 px base, 64->256 and 256->1024 efficient SR U-Nets
-    # (Imagen App. F drops self-attention at 1024 px and keeps cross-attention). Parameter counts: README, Presets.
-    "Base64": dict(dim=256, dim_mults=(1, 2, 3, 4), num_resnet_blocks=2, layer_attns=(False, True, True, True),
+    # (Imagen App. F drops self-attention at 1024 px and keeps cross-attention).
+    "Base64": dict(size=64, dim=256, dim_mults=(1, 2, 3, 4), num_resnet_blocks=2, layer_attns=(False, True, True, True),
                    layer_cross_attns=(False, True, True, True), attn_heads=8, attn_dim_head=64, cond_dim=512,
                    max_text_len=64),
-    "Super256": dict(dim=128, dim_mults=(1, 2, 4, 6), num_resnet_blocks=(2, 2, 4, 4),
+    "Super256": dict(size=256, dim=128, dim_mults=(1, 2, 4, 6), num_resnet_blocks=(2, 2, 4, 4),
                      layer_attns=(False, False, False, True), layer_cross_attns=(False, False, True, True),
                      attn_heads=8, attn_dim_head=64, cond_dim=512, max_text_len=64, memory_efficient=True),
-    "Super1024": dict(dim=128, dim_mults=(1, 2, 4, 8), num_resnet_blocks=(2, 2, 4, 4), layer_attns=False,
+    "Super1024": dict(size=1024, dim=128, dim_mults=(1, 2, 4, 8), num_resnet_blocks=(2, 2, 4, 4), layer_attns=False,
                       layer_cross_attns=(False, False, False, True), attn_heads=8, attn_dim_head=64, cond_dim=512,
                       max_text_len=64, memory_efficient=True),
     # ... and a CPU-trainable 32 -> 64 pair: BaseSmall / SuperSmall without the shapes tricks, 32 text tokens.
-    "RealBaseSmall": dict(dim=32, dim_mults=(1, 2, 4), num_resnet_blocks=1, layer_attns=(False, True, True),
+    "RealBaseSmall": dict(size=32, dim=32, dim_mults=(1, 2, 4), num_resnet_blocks=1, layer_attns=(False, True, True),
                           layer_cross_attns=(False, True, True), attn_heads=4, attn_dim_head=32, cond_dim=128,
                           max_text_len=32, memory_efficient=True),
-    "RealSuperSmall": dict(dim=16, dim_mults=(1, 2, 4), num_resnet_blocks=1, layer_attns=False,
+    "RealSuperSmall": dict(size=64, dim=16, dim_mults=(1, 2, 4), num_resnet_blocks=1, layer_attns=False,
                            layer_cross_attns=(False, False, True), attn_heads=2, attn_dim_head=32, cond_dim=128,
                            max_text_len=32),
 })
@@ -124,4 +142,26 @@ ENCODERS = Registry("text encoder", {
     **{f"{family}-{size}": dict(id=f"google/{family}-{size}", dim=dim)
        for family in ("t5-v1_1", "flan-t5")
        for size, dim in dict(small=512, base=768, large=1024, xl=2048, xxl=4096).items()},
+})
+
+
+def unet_kwargs(name):
+    """A preset's keyword arguments for unet.Unet (its entry without the size it is made for)."""
+    return {key: v for key, v in UNETS[name].items() if key != "size"}
+
+
+# Recipes: a cascade's training settings as plain data, merged over train.Config's defaults (which suit a real run
+# on one GPU); any flag overrides them. Per-stage values are lists, one per U-Net.
+RECIPES = Registry("recipe", {
+    # The built-in shapes data on a 2-core CPU: about 15 minutes idle. The base's layout phase (noise >= 0.95, x0
+    # loss, the middle quarter of its steps) is where it learns which object goes where (docs/experiments.md).
+    "shapes": dict(unets=["base-tiny", "super-small"], data="shapes", steps=[3200, 1000], lr=1e-3, warmup=100,
+                   ema_decay=0.995, layout_phase=["0.5:0.75", "0"], layout_level=0.95, cond_scale=[3.0, 1.0]),
+    # Your own captioned folder on a 2-core CPU: 32 -> 64 px.
+    "real-cpu": dict(unets=["real-base-small", "real-super-small"], steps=[4000, 1200], lr=1e-3, warmup=100,
+                     ema_decay=0.995, layout_phase=["0.5:0.75", "0"], layout_level=0.95, cond_scale=[3.0, 1.0]),
+    # Your own captioned folder on one 80 GB GPU: 64 -> 256 px in bf16, the SR stage on 64 px crops (Imagen App. F).
+    "real-gpu": dict(unets=["base64", "super256"], steps=[200_000, 100_000], batch_size=[64, 32], lr=1e-4,
+                     warmup=5000, ema_decay=0.9999, precision=["bf16"], crop=[0, 64], workers=8,
+                     cond_scale=[5.0, 1.0]),
 })
