@@ -222,13 +222,12 @@ def main():
     """CLI: precompute the embedding cache of a dataset's captions (or of a caption file) before training."""
     import data  # only the CLI reads datasets and resolves short names; the module itself imports neither
     import registry
-    import train
     parser = argparse.ArgumentParser(description=main.__doc__)
     a = parser.add_argument
     a("--data", help="a dataset as train.py takes it: 'shapes', an image-caption folder or .tar shards")
     a("--captions", help="a text file, one caption per line (instead of --data)")
     a("--encoder", default="minilm", help="registered name, Hugging Face id or model folder")
-    a("--unets", default=train.DEFAULT_UNETS, help="the presets you will train: the cache uses their text length")
+    a("--unets", default=",".join(registry.RECIPES["shapes"]["unets"]), help="the presets you will train: the cache uses their text length")
     a("--max-length", type=int, default=None, help="text length in tokens (default: the longest of --unets)")
     a("--cache-dir", default=DEFAULT_CACHE_DIR, help="cache root folder, as train.py's --cache-dir")
     a("--batch-size", type=int, default=256)
