@@ -37,7 +37,7 @@ from diffusion import Edit
 import text
 import train
 from eval import EVAL_SEED, JUDGE_KEYS, score
-from sample import save_grid
+from imagen import save_grid
 
 WARMUP = 2  # untimed steps first: allocator warm-up, and torch.compile's compilation
 TEXT_BATCH, TEXT_LEN = 64, 32  # captions per encoder call, tokens per caption in the text section
@@ -45,13 +45,15 @@ PROFILE_TOP = 12  # operators listed per stage in the profile section
 
 
 def parse_args(argv=None):
-    defaults = train.parse_args([])
+    defaults = train.DEFAULTS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--sections", default="train,profile,sample,text", help="comma list of: " + ", ".join(SECTIONS))
-    a("--presets", default=defaults.unets, help="train: the cascade's U-Net presets, as train.py --unets")
-    a("--sizes", default=defaults.sizes, help="train: their image sizes, as train.py --sizes")
-    a("--batch-size", type=int, default=defaults.batch_size, help="train: images per step")
+    a("--recipe", default="shapes", help="train: the recipe whose cascade is measured: " + ", ".join(
+        registry.RECIPES.names()))
+    a("--presets", default=None, help="train: U-Net presets instead of the recipe's, as train.py --unets")
+    a("--sizes", default=None, help="train: their image sizes, as train.py --sizes")
+    a("--batch-size", type=int, default=None, help="train: images per step (default: the recipe's)")
     a("--steps", type=int, default=5, help=f"train: timed steps per measurement (after {WARMUP} warm-up steps)")
     a("--compile", nargs="?", const="default", default=None, choices=train.COMPILE_MODES,
       help="train: also measure torch.compile in this mode (slow to compile on CPU)")
@@ -89,14 +91,11 @@ def timed(fn, device):
 
 # ---- train: each measurement in a fresh process, so peak memory and compile caches are its own ----
 
-def train_flags(args, precision=None, channels_last=None, compiled=None):
-    """train.py's parsed flags for the benchmarked cascade (nothing is saved to --out); None: train.py's default;
-    compiled: a torch.compile mode."""
-    flags = ["--unets", args.presets, "--sizes", args.sizes, "--batch-size", str(args.batch_size), "--steps", "1",
-             "--cache-dir", args.cache_dir, "--out", tempfile.gettempdir()]
-    flags += (["--compile", compiled] if compiled else []) + ([] if precision is None else ["--precision", precision])
-    flags += [] if channels_last is None else ["--channels-last", str(int(channels_last))]
-    return train.parse_args(flags)
+def bench_config(args, **overrides):
+    """train.Config of the benchmarked recipe with bench.py's flags and `overrides` (None: the recipe's value)."""
+    given = dict(recipe=None if args.presets else args.recipe, unets=args.presets, sizes=args.sizes,
+                 batch_size=args.batch_size, cache_dir=args.cache_dir, out=tempfile.gettempdir(), **overrides)
+    return train.resolve({key: v for key, v in given.items() if v is not None})
 
 
 def with_peak_mib(fn, device):
@@ -110,54 +109,59 @@ def with_peak_mib(fn, device):
     return result, next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024  # kB -> MiB
 
 
-def trainer_and_batches(args, k, precision=None, channels_last=None, compiled=None, text_source="cached"):
-    """(train.py's Trainer for stage k, its endless batch stream over pre-rendered shapes, the cascade config)."""
-    targs, device = train_flags(args, precision, channels_last, compiled), torch.device(args.device)
-    config, spec = train.prepare(targs)
+def parts_and_batches(args, k, text_source="cached", **overrides):
+    """(train.py's Parts for stage k, an endless stream of its model inputs over pre-rendered shapes, train.Config)."""
+    cfg, device = bench_config(args, **overrides), torch.device(args.device)
+    spec = text.resolve(cfg.encoder, registry.ENCODERS)
+    config = train.cascade_config(cfg, spec)
     torch.manual_seed(0)
-    trainer = train.Trainer(targs, imagen.Imagen(config).to(device), k, device, rank=0, world=1)
-    size, max_len, b = config["stages"][k]["size"], config["max_text_len"], args.batch_size
+    parts = train.build_parts(cfg, imagen.Imagen(config), k, device, world=1)
+    max_len, b = config["max_text_len"], cfg.batch_size[k]
     captions_to = (text.EmbeddingCache(args.cache_dir, spec, max_len, device) if text_source == "cached"
                    else text.load_encoder(spec, max_len, device))  # minilm on every step's captions
-    ds = data.make_dataset("shapes", config["stages"][-1]["size"])  # rendered before timing, as train.py reads it
+    ds = data.make_dataset("shapes", cfg.sizes[-1])  # rendered before timing, as train.py reads it
     loader = [data.collate([ds[i] for i in range(j * b, (j + 1) * b)]) for j in range(WARMUP + args.steps)]
-    return trainer, train.batches(loader, captions_to, size, device, trainer), config
+    stream = (train.model_inputs(images, captions, captions_to, cfg, k, device, parts.memory_format, 0)
+              for images, captions, _ in loader)
+    return parts, stream, cfg
 
 
-def run_steps(trainer, stream, n):
-    """n optimizer steps of the trainer on the stream's next batches."""
+def run_steps(parts, stream, n, cfg):
+    """n optimizer steps of stage parts.k on the stream's next batches."""
     for _ in range(n):
-        trainer.step_on([next(stream)])
+        train.optimizer_step(parts, [next(stream)], cfg.lr, None, 1, cfg.grad_clip)
 
 
 def train_case(case):
-    """images/s and peak memory of timed steps of train.py's own Trainer on its own batch stream."""
+    """images/s and peak memory of timed steps of train.py's own optimizer step on its own model inputs."""
     args, k, precision, channels_last, compiled, text_source = case
-    trainer, stream, config = trainer_and_batches(args, k, precision, channels_last, compiled, text_source)
+    parts, stream, cfg = parts_and_batches(args, k, text_source, precision=precision, channels_last=channels_last,
+                                           compile=compiled)
+    device = torch.device(args.device)
 
     def warm_up_then_time():
-        run_steps(trainer, stream, WARMUP)
-        return timed(lambda: run_steps(trainer, stream, args.steps), trainer.device)[1]
+        run_steps(parts, stream, WARMUP, cfg)
+        return timed(lambda: run_steps(parts, stream, args.steps, cfg), device)[1]
 
-    elapsed, mib = with_peak_mib(warm_up_then_time, trainer.device)
-    stage = config["stages"][k]
-    return dict(stage=f"unet{k} {stage['unet']}", size=stage["size"], batch=args.batch_size,
-                precision=trainer.precision, channels_last=trainer.channels_last, compile=compiled or False,
-                text=text_source, images_per_s=round(args.steps * args.batch_size / elapsed, 2), peak_mib=round(mib, 1))
+    elapsed, mib = with_peak_mib(warm_up_then_time, device)
+    b = cfg.batch_size[k]
+    return dict(stage=f"unet{k} {cfg.unets[k]}", size=cfg.sizes[k], batch=b, precision=cfg.precision[k],
+                channels_last=bool(cfg.channels_last[k]), compile=compiled or False, text=text_source,
+                images_per_s=round(args.steps * b / elapsed, 2), peak_mib=round(mib, 1))
 
 
 def profile_case(case):
     """The PROFILE_TOP operators by self time in train.py's default training step of stage k (torch.profiler)."""
     args, k = case
-    trainer, stream, config = trainer_and_batches(args, k)
-    run_steps(trainer, stream, WARMUP)
-    cuda = trainer.device.type == "cuda"
+    parts, stream, cfg = parts_and_batches(args, k)
+    run_steps(parts, stream, WARMUP, cfg)
+    cuda = args.device.startswith("cuda")
     with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
-        run_steps(trainer, stream, args.steps)
+        run_steps(parts, stream, args.steps, cfg)
     self_us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
     events = sorted(prof.key_averages(), key=self_us, reverse=True)
     total = sum(map(self_us, events))
-    return [dict(stage=f"unet{k} {config['stages'][k]['unet']}", op=e.key, calls_per_step=e.count // args.steps,
+    return [dict(stage=f"unet{k} {cfg.unets[k]}", op=e.key, calls_per_step=e.count // args.steps,
                  ms_per_step=round(self_us(e) / 1e3 / args.steps, 2), share=round(self_us(e) / total, 3))
             for e in events[:PROFILE_TOP]]
 
@@ -165,12 +169,14 @@ def profile_case(case):
 def bench_train(args):
     """Rows of every (stage, precision, channels_last, compile) with cached text, then minilm-each-step at train.py's
     defaults, uncompiled and compiled."""
-    config, spec = train.prepare(train_flags(args))
-    text.EmbeddingCache(args.cache_dir, spec, config["max_text_len"]).precompute(data.all_shapes_captions())
-    stages = range(len(config["stages"]))
+    cfg = bench_config(args)
+    spec = text.resolve(cfg.encoder, registry.ENCODERS)
+    text.EmbeddingCache(args.cache_dir, spec, train.cascade_config(cfg, spec)["max_text_len"]).precompute(
+        data.all_shapes_captions())
+    stages = range(len(cfg.unets))
     compile_modes = list(dict.fromkeys((None, args.compile)))  # uncompiled, and --compile's mode if given
     cases = [(args, k, p, cl, c, "cached") for k, p, cl, c in
-             itertools.product(stages, ("fp32", "bf16"), (False, True), compile_modes)]
+             itertools.product(stages, ("fp32", "bf16"), (0, 1), compile_modes)]
     cases += [(args, k, None, None, c, "encoded") for k in stages for c in compile_modes]  # minilm each step
     return in_fresh_processes(train_case, cases)
 
@@ -183,8 +189,7 @@ def in_fresh_processes(fn, cases):
 
 def bench_profile(args):
     """Rows: the top operators of each stage's training step at train.py's defaults."""
-    config, _ = train.prepare(train_flags(args))
-    return [row for rows in in_fresh_processes(profile_case, [(args, k) for k in range(len(config["stages"]))])
+    return [row for rows in in_fresh_processes(profile_case, [(args, k) for k in range(len(bench_config(args).unets))])
             for row in rows]
 
 
@@ -219,21 +224,20 @@ def two_pass_guidance(cascade):
             stage.unet = unet
 
 
-def sampling_args(args, **options):
-    """sample.py's flags for the checkpoint, with `options` (e.g. sampler="ddpm") set."""
-    p = argparse.ArgumentParser()
-    sample.add_sampling_args(p)
-    flags = ["--ckpt", args.ckpt, "--cache-dir", args.cache_dir, "--device", args.device,
-             "--batch-size", str(args.sample_batch_size)]
-    return p.parse_args(flags + [f"--{k.replace('_', '-')}={v}" for k, v in options.items()])
+def sampling_cascade(args):
+    """(cascade, stop_at, text cache) of --ckpt: its EMA weights, every trained U-Net."""
+    return sample.load_for_sampling(args.ckpt, args.device, ema=True, stop_at_unet=None, cache_dir=args.cache_dir)
 
 
-def sample_row(cascade, stop_at, cache, args, prompts, guidance, **options):
-    """(images, row): seconds per image and eval scores of sample.generate through U-Nets [0, stop_at)."""
-    sargs = sampling_args(args, **options)
-    images, elapsed = timed(lambda: sample.generate(cascade, cache, prompts, stop_at, sargs), torch.device(args.device))
-    return images, dict(stages=stop_at, sampler=options["sampler"], steps=options["steps"], guidance=guidance,
-                        n=len(prompts), batch=sargs.batch_size, s_per_image=round(elapsed / len(prompts), 4),
+def sample_row(cascade, stop_at, cache, args, prompts, guidance, sampler, steps, batch_size):
+    """(images, row): seconds per image and eval scores of sample.generate through U-Nets [0, stop_at) with one
+    sampler and its steps per U-Net."""
+    options = dict(sampler=[sampler], steps=steps)
+    images, elapsed = timed(lambda: sample.generate(cascade, cache, prompts, stop_at, options, seed=0,
+                                                    batch_size=batch_size, device=args.device),
+                            torch.device(args.device))
+    return images, dict(stages=stop_at, sampler=sampler, steps=",".join(map(str, steps)), guidance=guidance,
+                        n=len(prompts), batch=batch_size, s_per_image=round(elapsed / len(prompts), 4),
                         **score(images, prompts))
 
 
@@ -252,25 +256,26 @@ def bench_sample(args):
     """Rows, each with a role: every sampler on --n-eval prompts; the default vs two-pass guidance vs the all-T
     reference on --ref-eval-n; and batched vs two-pass guidance on the base stage alone (the guided one), at
     --sample-batch-size and one image at a time."""
-    cascade, stop_at, cache = sample.load_for_sampling(sampling_args(args))
+    cascade, stop_at, cache = sampling_cascade(args)
     opts = {**imagen.SAMPLING_DEFAULTS, **cascade.config.get("sampling", {})}
-    steps = ",".join(map(str, imagen.per_stage(opts["steps"], len(cascade.stages))))
+    steps = registry.broadcast(opts["steps"], len(cascade.stages), "the checkpoint's sampling steps")
     default = registry.SAMPLERS.canonical(opts["sampler"])
     # every row samples a prefix of the same eval prompts (shapes_captions is prefix-stable)
     prompts = data.shapes_captions(max(args.n_eval, args.ref_eval_n, args.single_n), seed=EVAL_SEED)
     cache(prompts)  # encode misses now: the timings are sampling alone
 
-    def run(role, n, guidance="batched", stages=stop_at, sampler=default, sampler_steps=steps, **options):
+    def run(role, n, guidance="batched", stages=stop_at, sampler=default, sampler_steps=steps,
+            batch_size=args.sample_batch_size):
         with two_pass_guidance(cascade) if guidance == "two-pass" else contextlib.nullcontext():
-            images, row = sample_row(cascade, stages, cache, args, prompts[:n], guidance, sampler=sampler,
-                                     steps=sampler_steps, **options)
+            images, row = sample_row(cascade, stages, cache, args, prompts[:n], guidance, sampler, sampler_steps,
+                                     batch_size)
         return images, dict(role=role, **row)
 
     rows = [run("sampler", args.n_eval, sampler=name)[1] for name in cascade.samplers()]
     batched, row_batched = run("default", args.ref_eval_n)
     two_pass, row_two_pass = run("two-pass", args.ref_eval_n, "two-pass")
     row_two_pass["max_abs_diff_vs_batched"] = float((two_pass - batched).abs().max())  # same computation, one pass
-    all_t = ",".join(str(stage.diffusion.num_timesteps) for stage in cascade.stages)
+    all_t = [stage.diffusion.num_timesteps for stage in cascade.stages]
     reference, row_reference = run("reference", args.ref_eval_n, "two-pass", sampler="ddpm", sampler_steps=all_t)
     row_reference["se_of_default_minus_this"] = paired_standard_error(batched, reference, prompts[:args.ref_eval_n])
     rows += [row_batched, row_two_pass, row_reference]
@@ -306,7 +311,7 @@ def inpaint_case(rng, size):
 def bench_inpaint(args):
     """Rows: RePaint inpainting of --n-eval scenes (judge scores of the new caption, max change of kept pixels)
     against sampling the same captions from scratch."""
-    cascade, stop_at, cache = sample.load_for_sampling(sampling_args(args))
+    cascade, stop_at, cache = sampling_cascade(args)
     size = cascade.stages[stop_at - 1].size
     cases = [inpaint_case(np.random.default_rng((EVAL_SEED, i)), size) for i in range(args.n_eval)]
     images, keeps, captions = torch.stack([c[0] for c in cases]), torch.stack([c[1] for c in cases]), \
@@ -446,24 +451,28 @@ def threads_case(case):
     """Seconds per training step of stage k at `threads` (a count or auto), with another program busy or not."""
     args, k, busy, threads = case
     args = argparse.Namespace(**{**vars(args), "steps": args.thread_steps})  # batches for every timed step
-    trainer, stream, config = trainer_and_batches(args, k)
-    trainer.threads = train.ThreadTuner.for_run(threads, trainer.device)
+    parts, stream, cfg = parts_and_batches(args, k)
+    tuner = train.ThreadTuner.for_run(threads, torch.device(args.device))
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None  # another user program
     try:
-        run_steps(trainer, stream, WARMUP)
-        seconds = sum(trainer.timed_step(stream, 1)[3] for _ in range(args.thread_steps))
+        run_steps(parts, stream, WARMUP, cfg)
+        seconds = 0.0
+        for step in range(args.thread_steps):
+            count, start = tuner.choose(step), time.perf_counter()
+            run_steps(parts, stream, 1, cfg)
+            tuner.record(count, time.perf_counter() - start)
+            seconds += time.perf_counter() - start
     finally:
         if hog:
             hog.kill()
-    return dict(stage=f"unet{k} {config['stages'][k]['unet']}", load="one core busy" if busy else "idle",
+    return dict(stage=f"unet{k} {cfg.unets[k]}", load="one core busy" if busy else "idle",
                 threads=threads, s_per_step=round(seconds / args.thread_steps, 3))
 
 
 def bench_threads(args):
     """Rows of every (stage, load, thread count or auto) of train.py's default cascade."""
-    config, _ = train.prepare(train_flags(args))
     counts = [str(n) for n in train.ThreadTuner.for_run("auto", torch.device("cpu")).options] + ["auto"]
-    return in_fresh_processes(threads_case, [(args, k, busy, threads) for k in range(len(config["stages"]))
+    return in_fresh_processes(threads_case, [(args, k, busy, threads) for k in range(len(bench_config(args).unets))
                                              for busy in (False, True) for threads in counts])
 
 

@@ -1,8 +1,5 @@
 """bench.py end to end on tiny presets: the JSON has every section's rows with positive numbers (no timing checks)."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,23 +8,14 @@ import bench
 import data
 import imagen
 import registry
+from test_cli import run
 from unet import Unet
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run(script, *args):
-    """Run one of the project's command lines; fail with its output if it fails."""
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, f"{script} {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc
 
 
 @pytest.mark.parametrize("cond_scale", [1.0, 3.0])
 def test_two_pass_guidance_matches_the_batched_pass(cond_scale):
     torch.manual_seed(0)
-    unet = Unet(**registry.UNETS["base-test"], text_embed_dim=8, lowres_cond=True).eval()
+    unet = Unet(**registry.unet_kwargs("base-test"), text_embed_dim=8, lowres_cond=True).eval()
     x, lowres = torch.randn(3, 3, 16, 16), dict(lowres_img=torch.randn(3, 3, 16, 16), lowres_noise_time=torch.rand(3))
     emb, time = torch.randn(3, 5, 8), torch.rand(3)
     mask = torch.tensor([[True] * 5, [True] * 2 + [False] * 3, [False] * 5])  # [3, 5]: full, short, empty caption
