@@ -36,6 +36,7 @@ import sample
 from diffusion import Edit
 import text
 import train
+from settings import DEFAULTS, cascade_config, resolve
 from eval import EVAL_SEED, JUDGE_KEYS, score
 from imagen import save_grid
 
@@ -45,7 +46,7 @@ PROFILE_TOP = 12  # operators listed per stage in the profile section
 
 
 def parse_args(argv=None):
-    defaults = train.DEFAULTS
+    defaults = DEFAULTS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--sections", default="train,profile,sample,text", help="comma list of: " + ", ".join(SECTIONS))
@@ -95,7 +96,7 @@ def bench_config(args, **overrides):
     """train.Config of the benchmarked recipe with bench.py's flags and `overrides` (None: the recipe's value)."""
     given = dict(recipe=None if args.presets else args.recipe, unets=args.presets, sizes=args.sizes,
                  batch_size=args.batch_size, cache_dir=args.cache_dir, out=tempfile.gettempdir(), **overrides)
-    return train.resolve({key: v for key, v in given.items() if v is not None})
+    return resolve({key: v for key, v in given.items() if v is not None})
 
 
 def with_peak_mib(fn, device):
@@ -113,7 +114,7 @@ def parts_and_batches(args, k, text_source="cached", **overrides):
     """(train.py's Parts for stage k, an endless stream of its model inputs over pre-rendered shapes, train.Config)."""
     cfg, device = bench_config(args, **overrides), torch.device(args.device)
     spec = text.resolve(cfg.encoder, registry.ENCODERS)
-    config = train.cascade_config(cfg, spec)
+    config = cascade_config(cfg, spec)
     torch.manual_seed(0)
     parts = train.build_parts(cfg, imagen.Imagen(config), k, device, world=1)
     max_len, b = config["max_text_len"], cfg.batch_size[k]
@@ -171,7 +172,7 @@ def bench_train(args):
     defaults, uncompiled and compiled."""
     cfg = bench_config(args)
     spec = text.resolve(cfg.encoder, registry.ENCODERS)
-    text.EmbeddingCache(args.cache_dir, spec, train.cascade_config(cfg, spec)["max_text_len"]).precompute(
+    text.EmbeddingCache(args.cache_dir, spec, cascade_config(cfg, spec)["max_text_len"]).precompute(
         data.all_shapes_captions())
     stages = range(len(cfg.unets))
     compile_modes = list(dict.fromkeys((None, args.compile)))  # uncompiled, and --compile's mode if given

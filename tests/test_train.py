@@ -9,6 +9,7 @@ import torch
 import data
 import imagen
 import registry
+import settings
 import train
 
 TINY = ["--unets", "base-test,super-test", "--sizes", "16,32", "--batch-size", "4", "--workers", "0",
@@ -17,8 +18,8 @@ TINY = ["--unets", "base-test,super-test", "--sizes", "16,32", "--batch-size", "
 
 def parts_for(*flags, k=0):
     """(Config, cascade config, the Parts that train stage k of the tiny cascade) from these flags (no training)."""
-    cfg = train.parse_config([*TINY, *flags])
-    config = train.cascade_config(cfg, text_spec())
+    cfg = settings.parse_config([*TINY, *flags])
+    config = settings.cascade_config(cfg, text_spec())
     return cfg, config, train.build_parts(cfg, imagen.Imagen(config), k, torch.device("cpu"), world=1)
 
 
@@ -28,20 +29,20 @@ def text_spec():
 
 
 def test_the_default_is_the_shapes_recipe_and_flags_override_it():
-    cfg = train.parse_config([])
+    cfg = settings.parse_config([])
     shapes = registry.RECIPES["shapes"]
     assert cfg.recipe == "shapes" and cfg.steps == tuple(shapes["steps"]) and cfg.data == "shapes"
     assert cfg.layout_phase == ("0.5:0.75", "0") and cfg.cond_scale == (3.0, 1.0) and cfg.crop == (0, 32)
-    cfg = train.parse_config(["--steps", "10", "--lr", "5e-4", "--recipe", "real-cpu"])
+    cfg = settings.parse_config(["--steps", "10", "--lr", "5e-4", "--recipe", "real-cpu"])
     assert cfg.recipe == "real-cpu" and cfg.steps == (10, 10) and cfg.lr == 5e-4
     assert cfg.unets == ("RealBaseSmall", "RealSuperSmall")
 
 
 def test_unets_without_a_recipe_take_real_run_defaults_at_each_presets_own_size():
-    cfg = train.parse_config(["--unets", "base,super"])
+    cfg = settings.parse_config(["--unets", "base,super"])
     assert cfg.recipe == "" and cfg.sizes == (64, 256) and cfg.minutes == (0.0, 0.0)
-    assert cfg.steps == train.DEFAULTS.steps * 2 and cfg.lr == train.DEFAULTS.lr
-    assert cfg.ema_decay == train.DEFAULTS.ema_decay and cfg.layout_phase == ("0", "0")
+    assert cfg.steps == settings.DEFAULTS.steps * 2 and cfg.lr == settings.DEFAULTS.lr
+    assert cfg.ema_decay == settings.DEFAULTS.ema_decay and cfg.layout_phase == ("0", "0")
 
 
 @pytest.mark.parametrize("flags, needle", [
@@ -51,18 +52,18 @@ def test_unets_without_a_recipe_take_real_run_defaults_at_each_presets_own_size(
     (["--seed", "one"], "--seed 'one'")])
 def test_bad_values_are_refused_where_they_are_parsed(flags, needle):
     with pytest.raises(ValueError, match=re.escape(needle)):
-        train.parse_config(flags)
+        settings.parse_config(flags)
 
 
 @pytest.mark.parametrize("flags, crops", [([], [None, 32]), (["--crop", "0"], [None, None]),
                                           (["--unets", "base-small,super256", "--sizes", "32,96"], [None, 48])])
 def test_super_resolution_stages_train_on_crops_of_half_their_side_unless_told(flags, crops):
-    config = train.cascade_config(train.parse_config(flags), text_spec())
+    config = settings.cascade_config(settings.parse_config(flags), text_spec())
     assert [stage.get("crop") for stage in config["stages"]] == crops
 
 
 def test_learning_rate_warms_up_then_decays_to_the_final_fraction():
-    cfg = train.parse_config([*TINY, "--steps", "100", "--warmup", "10", "--lr", "1e-3", "--lr-final", "0.1"])
+    cfg = settings.parse_config([*TINY, "--steps", "100", "--warmup", "10", "--lr", "1e-3", "--lr-final", "0.1"])
     lrs = [train.learning_rate(cfg, 0, step) for step in range(101)]
     assert lrs[0] == pytest.approx(1e-4) and max(lrs) <= 1e-3
     assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))  # warmup rises
@@ -71,10 +72,10 @@ def test_learning_rate_warms_up_then_decays_to_the_final_fraction():
 
 
 def test_the_layout_phase_is_a_window_of_each_stages_step_budget():
-    cfg = train.parse_config(["--steps", "8,4", "--layout-phase", "0.5:0.75,0:0.5", "--layout-level", "0.8"])
+    cfg = settings.parse_config(["--steps", "8,4", "--layout-phase", "0.5:0.75,0:0.5", "--layout-level", "0.8"])
     assert [train.layout_level(cfg, 0, s) for s in range(8)] == [None] * 4 + [0.8] * 2 + [None] * 2
     assert [train.layout_level(cfg, 1, s) for s in range(4)] == [0.8] * 2 + [None] * 2
-    cfg = train.parse_config(["--steps", "8", "--layout-phase", "0"])
+    cfg = settings.parse_config(["--steps", "8", "--layout-phase", "0"])
     assert [train.layout_level(cfg, 0, s) for s in range(8)] == [None] * 8
 
 
@@ -113,7 +114,7 @@ def test_a_long_run_of_unusable_samples_stops_training():
 
 
 def test_hflip_is_seeded_so_a_resumed_run_flips_the_same_samples():
-    cfg = train.parse_config([*TINY, "--hflip"])
+    cfg = settings.parse_config([*TINY, "--hflip"])
     images = torch.arange(12 * 3 * 16 * 16, dtype=torch.uint8).reshape(12, 3, 16, 16)  # asymmetric: flips show
     cache = lambda captions: (torch.zeros(len(captions), 16, 384), torch.ones(len(captions), 16, dtype=torch.bool))
     captions = [f"caption {i}" for i in range(12)]
