@@ -311,7 +311,7 @@ def judge(image, caption):
 
 
 def load_image(source, size):
-    """A path or file object -> RGB uint8 tensor [3, size, size] (upright, resized, centre-cropped); None if unreadable."""
+    """A path or file object -> RGB uint8 [3, size, size] (upright, resized, centre-cropped); None if unreadable."""
     try:
         with Image.open(source) as img:
             img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale that still covers size
@@ -564,6 +564,11 @@ def collate(batch):
     kept = [item for item in batch if item is not None]
     images = torch.stack([image for image, _ in kept]) if kept else torch.zeros(0, 3, 0, 0, dtype=torch.uint8)
     return images, [caption for _, caption in kept], len(batch) - len(kept)
+
+
+def to_signed(images):
+    """uint8 images [b, 3, s, s] -> float [b, 3, s, s] in [-1, 1], what the diffusion models see."""
+    return images.float() / 127.5 - 1
 
 
 def make_dataset(spec, size, seed=0):

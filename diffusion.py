@@ -40,6 +40,11 @@ def cosine_betas(T):
     return (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(max=0.999)
 
 
+def _column(values, x):
+    """values [b] shaped to broadcast against x: [b, 1, ..., 1]."""
+    return values.view(-1, *[1] * (x.ndim - 1))
+
+
 def _noise_levels(level, batch, device):
     """Noise levels in [0, 1] (a float, or a tensor [batch]) as float64 [batch]; ValueError outside."""
     level = torch.as_tensor(level, dtype=torch.float64, device=device).expand(batch)  # [batch]
@@ -80,7 +85,7 @@ class Diffusion(torch.nn.Module):
     @staticmethod
     def _at(buffer, t, x):
         """buffer[t] shaped to broadcast against x."""
-        return buffer[t].view(-1, *[1] * (x.ndim - 1))  # [b, 1, ..., 1]
+        return _column(buffer[t], x)  # [b, 1, ..., 1]
 
     def _alpha_sigma(self, t, x):
         """α_t = sqrt(alphas_cumprod[t]) and σ_t = sqrt(1 - alphas_cumprod[t]), each [b, 1, ..., 1]."""
@@ -161,7 +166,7 @@ class Diffusion(torch.nn.Module):
         return torch.randint(self.num_timesteps, (batch,), device=device, generator=generator)
 
     def time_for_noise_level(self, level, batch, device):
-        """The times round(level * (T-1)) for noise levels in [0, 1] (a float, or a tensor [batch]), LongTensor [batch]."""
+        """The times round(level * (T-1)) for noise levels in [0, 1] (a float or a tensor [batch]), long [batch]."""
         return (_noise_levels(level, batch, device) * (self.num_timesteps - 1)).round().long()
 
     def model_time(self, t):
@@ -189,11 +194,6 @@ class Diffusion(torch.nn.Module):
         """
         alphas_cumprod = torch.cumprod(1 - self.schedule, 0)[sorted(timesteps)]  # [steps]
         return Diffusion(1 - alphas_cumprod / torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]]))
-
-
-def _column(values, x):
-    """values [b] shaped to broadcast against x: [b, 1, ..., 1]."""
-    return values.view(-1, *[1] * (x.ndim - 1))
 
 
 class EDM(torch.nn.Module):
@@ -261,7 +261,8 @@ class EDM(torch.nn.Module):
 
     def time_for_noise_level(self, level, batch, device):
         """σ = tan(π/2 level) for levels in [0, 1], capped at σ_max: the SNR of the cosine schedule at `level`."""
-        return (_noise_levels(level, batch, device) * math.pi / 2).tan().clamp(max=self.sigma_max).float()  # cos² = 1 / (1 + σ²) (N&D Eq. 17, s=0)
+        # α² = cos²(π/2 level) = 1 / (1 + σ²) (Nichol & Dhariwal 2021, Eq. 17 with s = 0)
+        return (_noise_levels(level, batch, device) * math.pi / 2).tan().clamp(max=self.sigma_max).float()
 
     def sampling_times(self, steps):
         """The levels a sampler visits: `karras_sigmas`."""
@@ -282,8 +283,7 @@ def karras_sigmas(steps, sigma_min, sigma_max, rho):
 
 def dynamic_threshold(x0, p=0.995):
     """Per sample s = max(percentile_p |x0|, 1); clamp to [-s, s] and divide by s (Imagen §2.3)."""
-    s = torch.quantile(x0.reshape(len(x0), -1).abs(), p, dim=1).clamp(min=1)  # [b]
-    s = s.view(-1, *[1] * (x0.ndim - 1))  # [b, 1, ..., 1]
+    s = _column(torch.quantile(x0.reshape(len(x0), -1).abs(), p, dim=1).clamp(min=1), x0)  # [b, 1, ..., 1]
     return x0.clamp(-s, s) / s
 
 

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 
 import data
 import imagen
-from sample import add_sampling_args, generate, load_for_sampling, save_grid
+from sample import add_sampling_args, at_least_one, generate, sampling_setup
 
 EVAL_SEED = 20_251_125  # prompts for evaluation; training draws from the dataset's own per-index seeds
 JUDGE_KEYS = ("color", "shape", "position")  # the verdicts of data.judge
@@ -40,7 +40,7 @@ def word_order_gaps(stage, cache, seed, device):
     trade places ("order") or its relation turns 90 degrees ("axis"): the relative increase of the x0 error. 0 means
     the U-Net ignores that part of the caption; a U-Net that places both objects right needs both above 0."""
     images, captions = data.two_object_scenes(WORD_ORDER_SCENES, seed, stage.size)
-    x0, d = images.to(device).float() / 127.5 - 1, stage.diffusion  # [n, 3, s, s]
+    x0, d = data.to_signed(images.to(device)), stage.diffusion  # [n, 3, s, s]
     t = d.time_for_noise_level(WORD_ORDER_LEVEL, len(x0), device)  # [n]
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(device)
     xt = d.q_sample(x0, t, noise)
@@ -59,7 +59,7 @@ def word_order_gaps(stage, cache, seed, device):
 def heldout_losses(cascade, stop_at, cache, images, captions, device):
     """Each stage's loss at fixed noise on held-out uint8 images [n, 3, s, s] and their captions."""
     emb, mask = (x.to(device) for x in cache(captions))
-    x = images.to(device).float() / 127.5 - 1  # [n, 3, s, s] in [-1, 1]
+    x = data.to_signed(images.to(device))  # [n, 3, s, s]
     return [round(imagen.fixed_noise_loss(stage, imagen.resize(x, stage.size), emb, mask, data.HOLDOUT_SEED), 5)
             for stage in cascade.stages[:stop_at]]
 
@@ -91,18 +91,18 @@ def plot_losses(log_path, png_path, width=640, panel=220, pad=44):
     return png_path
 
 
-def eval_heldout(cascade, stop_at, cache, args):
-    """JSON result for --data: held-out losses per stage, a samples-beside-real grid, the log's loss plot."""
+def eval_heldout(cascade, stop_at, cache, sample, *, data_spec, n, folder, grid, device):
+    """JSON result for --data: held-out losses per stage, a samples-beside-real grid, the log's loss plot.
+
+    `sample(captions)` draws images [n, 3, s, s] in [0, 1]; `folder` holds the checkpoint and its log.
+    """
     size = cascade.config["stages"][stop_at - 1]["size"]
     holdout = cascade.config.get("holdout", 0.02)
-    images, captions = data.first_usable(data.holdout_split(data.make_dataset(args.data, size), holdout, size)[1],
-                                         args.n)
-    losses = heldout_losses(cascade, stop_at, cache, images, captions, args.device)
-    samples = generate(cascade, cache, captions, stop_at, args)  # [n, 3, size, size] in [0, 1]
-    pairs = torch.stack((samples, images.float() / 255), dim=1).flatten(0, 1)  # sample, real, sample, real, ...
-    folder = args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(args.ckpt)
-    grid = args.grid or os.path.join(folder, "heldout.png")
-    save_grid(pairs, grid, nrow=8)
+    images, captions = data.first_usable(data.holdout_split(data.make_dataset(data_spec, size), holdout, size)[1], n)
+    losses = heldout_losses(cascade, stop_at, cache, images, captions, device)
+    pairs = torch.stack((sample(captions), images.float() / 255), dim=1).flatten(0, 1)  # sample, real, ...
+    grid = grid or os.path.join(folder, "heldout.png")
+    imagen.save_grid(pairs, grid, nrow=8)
     log = os.path.join(folder, "log.jsonl")
     plot = plot_losses(log, os.path.join(folder, "heldout-loss.png")) if os.path.exists(log) else None
     return dict(heldout_loss=losses, n=len(captions), captions=captions, grid=grid, plot=plot)
@@ -120,19 +120,26 @@ def main(argv=None):
                    "evaluate on its held-out samples instead of shapes prompts")
     args = p.parse_args(argv)
     try:
-        cascade, stop_at, cache = load_for_sampling(args)
+        at_least_one(args.n, "--n")
+        cascade, stop_at, cache, options = sampling_setup(args)
+
+        def sample(prompts):
+            return generate(cascade, cache, prompts, stop_at, options, seed=args.seed, batch_size=args.batch_size,
+                            device=args.device)
         if args.data:
-            print(json.dumps(eval_heldout(cascade, stop_at, cache, args)))
+            folder = args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(args.ckpt)
+            print(json.dumps(eval_heldout(cascade, stop_at, cache, sample, data_spec=args.data, n=args.n,
+                                          folder=folder, grid=args.grid, device=args.device)))
             return
     except (ValueError, OSError) as e:
         p.error(imagen.first_line(e))
     prompts = data.shapes_captions(args.n, seed=args.prompt_seed)
     cache(prompts)  # encode misses now, so the timing below is sampling alone
     start = time.perf_counter()
-    images = generate(cascade, cache, prompts, stop_at, args)
+    images = sample(prompts)
     seconds = time.perf_counter() - start
     if args.grid:
-        save_grid(images, args.grid, nrow=12)
+        imagen.save_grid(images, args.grid, nrow=12)
     result = dict(score(images, prompts), n=args.n, seconds_per_image=round(seconds / args.n, 4),
                   size=images.shape[-1], threads=torch.get_num_threads(),
                   word_order_gap=word_order_gaps(cascade.stages[0], cache, args.prompt_seed, args.device))

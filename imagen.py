@@ -10,8 +10,10 @@ import os
 import pickle
 import re
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 import data
@@ -155,16 +157,6 @@ def build_stages(config):
         for k, s in enumerate(stages))
 
 
-def per_stage(value, n):
-    """Broadcast a scalar or a one-item list to n stages; a list of n passes through."""
-    values = value if isinstance(value, (list, tuple)) else [value]
-    if len(values) == 1:
-        values = list(values) * n
-    if len(values) != n:
-        raise ValueError(f"got {len(values)} per-stage values {list(values)}; expected 1 or {n} (one per U-Net)")
-    return list(values)
-
-
 class Imagen(nn.Module):
     """A cascade of Stages; `sample` runs the chain."""
 
@@ -195,8 +187,8 @@ class Imagen(nn.Module):
         opts = {**SAMPLING_DEFAULTS, **self.config.get("sampling", {}),
                 **{k: v for k, v in options.items() if v is not None}}
         threshold = make_threshold(opts["threshold"], opts["threshold_p"])
-        steps, scales = per_stage(opts["steps"], n), per_stage(opts["cond_scale"], n)
-        samplers = per_stage(opts["sampler"], n)
+        steps, scales, samplers = (registry.broadcast(opts[key], n, f"{key} (one per U-Net)")
+                                   for key in ("steps", "cond_scale", "sampler"))
         for k in range(start_at, stop_at):
             self.stages[k].check_sampler(samplers[k], k)
         images = None if start_images is None else start_images * 2 - 1
@@ -223,6 +215,22 @@ def make_threshold(name, p):
     if registry.THRESHOLDS.canonical(name) == "dynamic":
         return lambda x0: fn(x0, p)
     return fn
+
+
+def to_pil(image):
+    """[3, h, w] in [0, 1] -> PIL RGB image."""
+    return Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+
+def save_grid(images, path, nrow):
+    """Tile images [n, 3, h, w] in [0, 1] into rows of `nrow` and save as PNG (2 px white gaps)."""
+    n, _, h, w = images.shape
+    rows = -(-n // nrow)
+    grid = torch.ones(3, rows * (h + 2) - 2, nrow * (w + 2) - 2)
+    for i, img in enumerate(images.float().cpu()):
+        r, c = divmod(i, nrow)
+        grid[:, r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = img
+    to_pil(grid).save(path)
 
 
 # ---- checkpoints: one self-describing file per U-Net, so stages can train as parallel jobs in one folder ----

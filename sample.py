@@ -7,6 +7,7 @@ Edits a given image with --init-image (SDEdit), --inpaint/--mask (RePaint), or s
 into one file for sharing; `--ckpt cascade.safetensors` samples from it.
 """
 import argparse
+import math
 import os
 import re
 
@@ -39,41 +40,91 @@ def add_sampling_args(p):
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
-def comma_list(value, cast):
-    return None if value is None else [cast(v) for v in str(value).split(",")]
+def at_least_one(value, flag):
+    """An integer flag's value; ValueError naming the flag unless it is >= 1."""
+    if value < 1:
+        raise ValueError(f"{flag} {value}: give an integer >= 1")
+    return value
 
 
-def load_for_sampling(args):
-    """(cascade, stop_at, text cache) from the sampling flags, with every name checked before any work."""
-    if args.sampler is not None:
-        args.sampler = ",".join(registry.SAMPLERS.canonical(name) for name in args.sampler.split(","))
-    if args.threshold is not None:
-        args.threshold = registry.THRESHOLDS.canonical(args.threshold)
-    cascade, trained = imagen.load_cascade(args.ckpt, args.device, ema=not args.no_ema)
-    stop_at = trained if args.stop_at_unet is None else args.stop_at_unet + 1
+def within(value, flag, allowed, inside):
+    """A float flag's value (None passes); ValueError naming the flag and the `allowed` interval if not inside."""
+    if value is not None and not inside(value):  # NaN is inside nothing
+        raise ValueError(f"{flag} {value}: give a value in {allowed}")
+    return value
+
+
+def checked(value, check, flag):
+    """check(value), None passing through; check's ValueError prefixed with the flag and the value."""
+    if value is None:
+        return None
+    try:
+        return check(value)
+    except ValueError as e:
+        raise ValueError(f"{flag} {value!r}: {e}") from None
+
+
+def positive_steps(value):
+    if not str(value).strip().isdigit() or int(value) < 1:
+        raise ValueError(f"{value!r} is not an integer >= 1")
+    return int(value)
+
+
+def finite_scale(value):
+    if not math.isfinite(scale := float(value)):
+        raise ValueError(f"{value!r} is not a finite number")
+    return scale
+
+
+def sampling_options(args):
+    """The sampling flags as checked plain data for imagen.Imagen.sample; None where the checkpoint's default holds.
+
+    sampler, steps and cond_scale are per-U-Net lists (one value for every U-Net, or one each).
+    """
+    def listed(value, cast, flag):
+        return None if value is None else registry.comma_list(value, cast, flag)
+    return dict(sampler=listed(args.sampler, registry.SAMPLERS.canonical, "--sampler"),
+                steps=listed(args.steps, positive_steps, "--steps"),
+                cond_scale=listed(args.cond_scale, finite_scale, "--cond-scale"),
+                lowres_noise=within(args.lowres_noise, "--lowres-noise", "[0, 1)", lambda v: 0 <= v < 1),
+                threshold=checked(args.threshold, registry.THRESHOLDS.canonical, "--threshold"),
+                threshold_p=within(args.threshold_p, "--threshold-p", "(0, 1]", lambda v: 0 < v <= 1))
+
+
+def load_for_sampling(ckpt, device, *, ema, stop_at_unet, cache_dir):
+    """(cascade, stop_at, text cache) for a checkpoint: U-Nets 0..stop_at_unet (None: every trained U-Net)."""
+    cascade, trained = imagen.load_cascade(ckpt, device, ema=ema)
+    stop_at = trained if stop_at_unet is None else stop_at_unet + 1
     if not 1 <= stop_at <= trained:
-        raise ValueError(f"--stop-at-unet {args.stop_at_unet} not available; {args.ckpt} has trained U-Nets 0..{trained - 1}")
+        raise ValueError(f"--stop-at-unet {stop_at_unet} not available; {ckpt} has trained U-Nets 0..{trained - 1}")
     config = cascade.config
     encoder = text.resolve(config["encoder"], registry.ENCODERS)
-    cache = text.EmbeddingCache(args.cache_dir, encoder, config["max_text_len"], device=args.device)
+    cache = text.EmbeddingCache(cache_dir, encoder, config["max_text_len"], device=device)
     return cascade, stop_at, cache
 
 
-def generate(cascade, cache, prompts, stop_at, args, start_at=0, start_images=None, edit=None):
+def sampling_setup(args):
+    """(cascade, stop_at, text cache, sampling options) from the sampling flags, every value checked before loading."""
+    options = sampling_options(args)
+    at_least_one(args.batch_size, "--batch-size")
+    cascade, stop_at, cache = load_for_sampling(args.ckpt, args.device, ema=not args.no_ema,
+                                                stop_at_unet=args.stop_at_unet, cache_dir=args.cache_dir)
+    return cascade, stop_at, cache, options
+
+
+def generate(cascade, cache, prompts, stop_at, options, *, seed, batch_size, device, start_at=0, start_images=None,
+             edit=None):
     """Images [n, 3, s, s] in [0, 1] for a list of prompts, sampled in batches with one seeded generator.
 
-    start_images [1, 3, h, w] and an Edit's tensors apply to every prompt (see imagen.Imagen.sample).
+    `options` are imagen.Imagen.sample's (see sampling_options); start_images [1, 3, h, w] and an Edit's tensors
+    apply to every prompt (see imagen.Imagen.sample).
     """
-    generator = torch.Generator(args.device).manual_seed(args.seed)
-    options = dict(sampler=comma_list(args.sampler, str), steps=comma_list(args.steps, int),
-                   lowres_noise=args.lowres_noise,
-                   cond_scale=comma_list(args.cond_scale, float), threshold=args.threshold,
-                   threshold_p=args.threshold_p)
+    generator = torch.Generator(device).manual_seed(seed)
     out = []
-    for i in range(0, len(prompts), args.batch_size):
-        emb, mask = cache(prompts[i:i + args.batch_size])  # [b, n, d], [b, n]
-        start = None if start_images is None else start_images.to(args.device).expand(len(emb), -1, -1, -1)
-        out.append(cascade.sample(emb.to(args.device), mask.to(args.device), stop_at=stop_at, start_at=start_at,
+    for i in range(0, len(prompts), batch_size):
+        emb, mask = cache(prompts[i:i + batch_size])  # [b, n, d], [b, n]
+        start = None if start_images is None else start_images.to(device).expand(len(emb), -1, -1, -1)
+        out.append(cascade.sample(emb.to(device), mask.to(device), stop_at=stop_at, start_at=start_at,
                                   start_images=start, edit=edit, generator=generator, **options).cpu())
     return torch.cat(out)
 
@@ -129,22 +180,6 @@ def edit_from_args(args, stop_at):
     return start_at, start_images, diffusion.Edit(image, strength, keep, args.resample)
 
 
-def to_pil(image):
-    """[3, h, w] in [0, 1] -> PIL RGB image."""
-    return Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-
-
-def save_grid(images, path, nrow):
-    """Tile images [n, 3, h, w] in [0, 1] into rows of `nrow` and save as PNG (2 px white gaps)."""
-    n, _, h, w = images.shape
-    rows = -(-n // nrow)
-    grid = torch.ones(3, rows * (h + 2) - 2, nrow * (w + 2) - 2)
-    for i, img in enumerate(images.float().cpu()):
-        r, c = divmod(i, nrow)
-        grid[:, r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = img
-    to_pil(grid).save(path)
-
-
 def export(args):
     """Write the --ckpt cascade's trained U-Nets (EMA unless --no-ema) and config to --export; print its path."""
     if not args.export.endswith(".safetensors"):
@@ -181,19 +216,21 @@ def main(argv=None):
             prompts += [line.strip() for line in f if line.strip()]
     if not prompts:
         p.error("give at least one --prompt or a --prompts file")
-    prompts = [q for q in prompts for _ in range(args.n_per_prompt)]
     try:
-        cascade, stop_at, cache = load_for_sampling(args)
-        images = generate(cascade, cache, prompts, stop_at, args, *edit_from_args(args, stop_at))
+        prompts = [q for q in prompts for _ in range(at_least_one(args.n_per_prompt, "--n-per-prompt"))]
+        cascade, stop_at, cache, options = sampling_setup(args)
+        start_at, start_images, edit = edit_from_args(args, stop_at)
+        images = generate(cascade, cache, prompts, stop_at, options, seed=args.seed, batch_size=args.batch_size,
+                          device=args.device, start_at=start_at, start_images=start_images, edit=edit)
     except (ValueError, OSError) as e:
         p.error(imagen.first_line(e))
     os.makedirs(args.out, exist_ok=True)
     for i, (image, prompt) in enumerate(zip(images, prompts)):
         path = os.path.join(args.out, f"{i:03d}-{slug(prompt)}.png")
-        to_pil(image).save(path)
+        imagen.to_pil(image).save(path)
         print(path)
     grid = os.path.join(args.out, "grid.png")
-    save_grid(images, grid, nrow=max(args.n_per_prompt, min(8, len(prompts))))
+    imagen.save_grid(images, grid, nrow=max(args.n_per_prompt, min(8, len(prompts))))
     print(grid)
 
 

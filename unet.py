@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+import registry
+
 CROSS_EMBED_KERNELS = (3, 7, 15)  # kernel sizes of the first convolution (MinImagen CrossEmbedLayer)
 FF_MULT = 2  # hidden width of a TransformerBlock's feed-forward layer, in multiples of its channels
 
@@ -64,15 +66,6 @@ def coordinates(x):
 def doubled(tensor):
     """The batch stacked twice along dim 0 (None stays None)."""
     return None if tensor is None else torch.cat((tensor, tensor))
-
-
-def per_level(value, levels, name):
-    """A tuple with one entry per level from a single value or a tuple of `levels` entries."""
-    if not isinstance(value, (list, tuple)):
-        return (value,) * levels
-    if len(value) != levels:
-        raise ValueError(f"{name}={tuple(value)} has {len(value)} entries; give one value or {levels} (one per level)")
-    return tuple(value)
 
 
 class SinusoidalEmbedding(nn.Module):
@@ -223,9 +216,9 @@ class Unet(nn.Module):
                  text_kernel_size=1):
         super().__init__()
         levels = len(dim_mults)
-        blocks = per_level(num_resnet_blocks, levels, "num_resnet_blocks")
-        attns = per_level(layer_attns, levels, "layer_attns")
-        cross = per_level(layer_cross_attns, levels, "layer_cross_attns")
+        blocks = registry.broadcast(num_resnet_blocks, levels, "num_resnet_blocks (one per level)")
+        attns = registry.broadcast(layer_attns, levels, "layer_attns (one per level)")
+        cross = registry.broadcast(layer_cross_attns, levels, "layer_cross_attns (one per level)")
         self.channels, self.text_embed_dim, self.lowres_cond = channels, text_embed_dim, lowres_cond
         self.max_text_len, self.num_time_tokens, self.coord_channels = max_text_len, num_time_tokens, coord_channels
         self.num_levels = levels

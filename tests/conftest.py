@@ -1,12 +1,23 @@
-"""Hypothesis profiles: local runs stay randomised; CI (HYPOTHESIS_PROFILE=ci, set by .ci/run) is reproducible."""
+"""Shared test setup: Hypothesis profiles and settings, the session's text cache and trained cascade, tiny random
+cascades, random tensors and the checks the test files share."""
 import os
 
 import pytest
-from hypothesis import settings
+import torch
+from hypothesis import settings, strategies as st
+
+import imagen
+import registry
 
 # A fresh checkout has no stored example database, so CI derandomises instead: the same examples on every run.
 settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+FAST = settings(max_examples=25, deadline=None)
+FEW = settings(max_examples=15, deadline=None)
+seeds = st.integers(0, 2 ** 31 - 1)
+shapes = st.lists(st.integers(1, 5), min_size=1, max_size=4).map(tuple)  # [b, ...]
+TEXT_DIM = 8  # text embedding width of the tiny cascades
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +33,52 @@ def trained(tmp_path_factory, cache_dir):
     out = tmp_path_factory.mktemp("run")
     train(out, cache_dir, "--steps", "4", "--save-every", "2", "--keep", "1")
     return out
+
+
+def randn(shape, seed):
+    """Standard normal float32 tensor, reproducible from seed."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def column(values, x):
+    """[b] -> [b, 1, ..., 1] to broadcast against x."""
+    return values.view(-1, *[1] * (x.ndim - 1))
+
+
+def assert_within(actual, expected, tolerance):
+    assert ((actual - expected).abs() <= tolerance).all(), (actual - expected).abs().max()
+
+
+def never_called(x, t):
+    raise AssertionError("the denoiser must not run on bad input")
+
+
+def gaussian_x0(x, alpha, sigma, s):
+    """E[x0 | x] for data x0 ~ N(0, s²) seen as x = α x0 + σ eps."""
+    return alpha * s ** 2 / (alpha ** 2 * s ** 2 + sigma ** 2) * x
+
+
+def tiny_config(**stage):
+    """A two-stage 16 -> 32 px cascade config of the test presets over 8-wide text; `stage` settings for both."""
+    stages = [dict(unet="BaseTest", unet_kwargs=registry.unet_kwargs("BaseTest"), size=16, timesteps=50, **stage),
+              dict(unet="SuperTest", unet_kwargs=registry.unet_kwargs("SuperTest"), size=32, timesteps=50, **stage)]
+    return dict(encoder="none", text_embed_dim=TEXT_DIM, max_text_len=16, stages=stages, sampling=dict(steps=3))
+
+
+def random_cascade(**stage):
+    """The tiny cascade with random weights everywhere, the zero-initialised output convolutions too."""
+    torch.manual_seed(0)
+    model = imagen.Imagen(tiny_config(**stage))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+@pytest.fixture(scope="module")
+def cascade():
+    return random_cascade()
+
+
+def text(b):
+    """Random text embeddings [b, 5, TEXT_DIM] and an all-True mask [b, 5]."""
+    return torch.randn(b, 5, TEXT_DIM), torch.ones(b, 5, dtype=torch.bool)

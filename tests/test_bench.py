@@ -34,7 +34,8 @@ def test_bench_writes_every_section(tmp_path):
     run("train.py", "--unets", "base-test,super-test", "--sizes", "16,32", "--steps", "2", "--batch-size", "4",
         "--workers", "0", "--sample-steps", "2", "--timesteps", "20", "--out", ckpt, "--cache-dir", cache)
     proc = run("bench.py", "--sections", "text,train,profile,sample,inpaint", "--presets", "base-test", "--sizes", "32",
-               "--steps", "1", "--batch-size", "2", "--ckpt", ckpt, "--n-eval", "4", "--ref-eval-n", "6", "--sample-batch-size", "2",
+               "--steps", "1", "--batch-size", "2", "--ckpt", ckpt, "--n-eval", "4", "--ref-eval-n", "6",
+               "--sample-batch-size", "2",
                "--single-n", "2", "--text-captions", "8", "--cache-dir", cache, "--json", str(out), "--resample", "2",
                "--inpaint-grid", str(tmp_path / "inpaint.png"))
     results = json.loads(out.read_text())

@@ -124,7 +124,7 @@ def word_encoder(by_position):
 
 def test_the_word_order_gap_is_zero_exactly_when_the_text_carries_no_word_order():
     torch.manual_seed(0)
-    stage = imagen.Stage(dict(registry.UNETS["BaseTest"]), 16, text_embed_dim=8, timesteps=50).eval()
+    stage = imagen.Stage(registry.unet_kwargs("BaseTest"), 16, text_embed_dim=8, timesteps=50).eval()
     for p in stage.parameters():  # large random weights everywhere, so that the text moves the output measurably
         torch.nn.init.normal_(p, std=0.5)
     bag = eval_module.word_order_gaps(stage, word_encoder(by_position=False), 0, "cpu")
@@ -296,6 +296,26 @@ def test_unknown_sampler_is_refused(trained, cache_dir):
     proc = run("sample.py", "--ckpt", str(trained), "--prompt", "x", "--sampler", "euler", "--cache-dir", cache_dir,
                check=False)
     assert proc.returncode != 0 and "euler" in proc.stderr.strip().splitlines()[-1] and "dpmpp-2m" in proc.stderr
+
+
+@pytest.mark.parametrize("script, flags, needle", [
+    ("sample.py", ["--cond-scale", "nan"], "--cond-scale 'nan'"),
+    ("sample.py", ["--cond-scale", "3,inf"], "--cond-scale '3,inf'"),
+    ("sample.py", ["--steps", "0"], "--steps '0'"),
+    ("sample.py", ["--steps", "2.5"], "--steps '2.5'"),
+    ("sample.py", ["--lowres-noise", "1"], "--lowres-noise 1.0"),
+    ("sample.py", ["--threshold", "soft"], "--threshold 'soft'"),
+    ("sample.py", ["--threshold-p", "0"], "--threshold-p 0.0"),
+    ("sample.py", ["--batch-size", "0"], "--batch-size 0"),
+    ("sample.py", ["--n-per-prompt", "0"], "--n-per-prompt 0"),
+    ("eval.py", ["--cond-scale", "nan"], "--cond-scale 'nan'"),
+    ("eval.py", ["--n", "0"], "--n 0"),
+])
+def test_bad_sampling_values_fail_before_loading_with_one_line_error(script, flags, needle):
+    prompt = ["--prompt", "x"] if script == "sample.py" else []
+    proc = run(script, "--ckpt", "/does/not/exist", *prompt, *flags, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert needle in proc.stderr.strip().splitlines()[-1], proc.stderr
 
 
 def test_corrupt_image_in_folder_is_skipped_and_counted(tmp_path, cache_dir):

@@ -4,19 +4,15 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 import registry
+from conftest import FAST, FEW, assert_within, column, gaussian_x0, never_called, randn, seeds, shapes
 from diffusion import (TARGETS, Diffusion, cosine_betas, dynamic_threshold, linear_betas, no_threshold,
                        sample_ddim, sample_ddpm, sample_dpmpp_2m, sampling_timesteps, static_threshold)
 
-FAST = settings(max_examples=25, deadline=None)
-FEW = settings(max_examples=15, deadline=None)
-
 schedules = st.sampled_from(registry.SCHEDULES.names())
 num_timesteps = st.integers(2, 2000)
-shapes = st.lists(st.integers(1, 5), min_size=1, max_size=4).map(tuple)  # [b, ...]
-seeds = st.integers(0, 2 ** 31 - 1)
 targets = st.sampled_from(TARGETS)
 SAMPLER_VARIANTS = {**{name: registry.SAMPLERS[name] for name in registry.SAMPLERS.names()
                        if name not in registry.FAMILIES["ddpm"]["refuses"]},  # the samplers of the ddpm family
@@ -28,23 +24,9 @@ def make_diffusion(schedule, T):
     return Diffusion(registry.SCHEDULES[schedule](T))
 
 
-def randn(shape, seed):
-    """Standard normal float32 tensor, reproducible from seed."""
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-
-
 def random_times(diffusion, batch, seed):
     """Uniform training times [batch], reproducible from seed."""
     return diffusion.sample_times(batch, "cpu", torch.Generator().manual_seed(seed))
-
-
-def column(values, x):
-    """[b] -> [b, 1, ..., 1] to broadcast against x."""
-    return values.view(-1, *[1] * (x.ndim - 1))
-
-
-def assert_within(actual, expected, tolerance):
-    assert ((actual - expected).abs() <= tolerance).all(), (actual - expected).abs().max()
 
 
 def oracle(diffusion, x0, target):
@@ -330,7 +312,7 @@ def test_samplers_draw_gaussian_data_with_the_right_spread(name, steps, target):
 
     def denoise(x, t):
         alpha, sigma = column(alphas_cumprod[t].sqrt(), x), column((1 - alphas_cumprod[t]).sqrt(), x)
-        x0 = alpha * 0.25 / (alpha ** 2 * 0.25 + sigma ** 2) * x  # E[x0 | x_t]
+        x0 = gaussian_x0(x, alpha, sigma, 0.5)
         return diffusion.training_target(x0.float(), ((x - alpha * x0) / sigma).float(), t, target)
 
     out = SAMPLER_VARIANTS[name](denoise, randn((2, 4096), 0), diffusion, steps, target=target,
@@ -359,10 +341,6 @@ def test_fewer_than_two_timesteps_is_an_error(schedule, T):
 def test_betas_outside_0_to_1_are_an_error(betas):
     with pytest.raises(ValueError, match="betas"):
         Diffusion(torch.tensor(betas, dtype=torch.float64))
-
-
-def never_called(x, t):
-    raise AssertionError("the denoiser must not run on bad input")
 
 
 @pytest.mark.parametrize("steps", [0, -1, 11, 2.5])

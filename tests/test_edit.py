@@ -7,11 +7,11 @@ from hypothesis import given, strategies as st
 from PIL import Image
 
 import imagen
+from conftest import FAST, FEW, assert_within, never_called, randn, seeds, text
 from diffusion import EDM, Diffusion, Edit, _jump_back, cosine_betas
 from test_cli import run
-from test_diffusion import FAST, FEW, SAMPLER_VARIANTS, assert_within, never_called, oracle, randn, seeds
+from test_diffusion import SAMPLER_VARIANTS, oracle
 from test_edm import EDM_SAMPLERS, edm_oracle
-from test_imagen import cascade, text  # noqa: F401 (fixture)
 
 # (family, sampler): every registered sampler on each family it runs on, and the variants of the other tests
 CASES = [("ddpm", name) for name in SAMPLER_VARIANTS] + [("edm", name) for name in EDM_SAMPLERS]

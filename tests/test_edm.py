@@ -9,9 +9,9 @@ from hypothesis import given, strategies as st
 import imagen
 import registry
 from diffusion import EDM, Diffusion, karras_sigmas, no_threshold, sample_ddpm, sample_heun
+from conftest import (FAST, FEW, assert_within, column, gaussian_x0, never_called, randn, random_cascade, seeds, shapes,
+                      text, tiny_config)
 from test_cli import TINY, run, train
-from test_diffusion import FAST, FEW, assert_within, never_called, randn, seeds, shapes
-from test_imagen import text, tiny_config
 
 sigmas = st.floats(-7, 5).map(math.exp)  # log-uniform over [1e-3, 150]
 EDM_SAMPLERS = {**{name: registry.SAMPLERS[name] for name in registry.SAMPLERS.names()
@@ -31,7 +31,7 @@ def gaussian_data_denoiser(edm, s):
     """F for the exact denoiser D(x; σ) = E[x0 | x] = s² / (s² + σ²) x of data ~ N(0, s²)."""
     def denoise(x, sigma):
         c_skip, c_out, _ = edm.preconditioning(sigma, x)
-        x0 = s ** 2 / (s ** 2 + sigma.double().view(-1, *[1] * (x.ndim - 1)) ** 2) * x.double()
+        x0 = gaussian_x0(x.double(), 1, column(sigma.double(), x), s)
         return ((x0 - c_skip * x.double()) / c_out).float()
     return denoise
 
@@ -54,7 +54,8 @@ def test_preconditioning_recovers_x0_and_eps_from_the_oracle_output_at_every_sig
 @given(sigmas)
 def test_preconditioning_is_table_1_and_gives_unit_variance_input_and_target(sigma):
     edm, sd = EDM(), 0.5
-    c_skip, c_out, c_in = (c.item() for c in edm.preconditioning(torch.tensor([sigma], dtype=torch.float64), torch.zeros(1)))
+    sigma_batch = torch.tensor([sigma], dtype=torch.float64)
+    c_skip, c_out, c_in = (c.item() for c in edm.preconditioning(sigma_batch, torch.zeros(1)))
     assert math.isclose(c_skip, sd ** 2 / (sigma ** 2 + sd ** 2), rel_tol=1e-12)
     assert math.isclose(c_out, sigma * sd / math.sqrt(sigma ** 2 + sd ** 2), rel_tol=1e-12)
     assert math.isclose(c_in, 1 / math.sqrt(sigma ** 2 + sd ** 2), rel_tol=1e-12)
@@ -81,7 +82,8 @@ def test_x0_loss_weight_turns_the_loss_on_f_into_the_x0_mse(sigma, seed):
     x0, eps, output = (torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
     sigmas = torch.full((2,), sigma, dtype=torch.float64)
     f_mse = (output - edm.training_target(x0, eps, sigmas, "edm")).pow(2).mean((1, 2, 3))  # [2]
-    x0_mse = (edm.x0_eps_from_output(output, edm.q_sample(x0, sigmas, eps), sigmas, "edm")[0] - x0).pow(2).mean((1, 2, 3))
+    x0_hat = edm.x0_eps_from_output(output, edm.q_sample(x0, sigmas, eps), sigmas, "edm")[0]
+    x0_mse = (x0_hat - x0).pow(2).mean((1, 2, 3))
     assert torch.allclose(f_mse * edm.x0_loss_weight(sigmas, "edm").double(), x0_mse, rtol=1e-4)
 
 
@@ -102,7 +104,8 @@ def test_low_res_noise_levels_map_to_the_sigma_of_the_cosine_schedules_snr(level
     sigma = EDM().time_for_noise_level(level, 2, "cpu")
     assert sigma.shape == (2,) and sigma[0] == sigma[1] and 0 <= sigma[0] <= 80
     if level < 0.99:  # below the σ_max cap: α² = cos²(π/2 level) = 1 / (1 + σ²)
-        assert math.isclose(1 / (1 + sigma[0].item() ** 2), math.cos(math.pi / 2 * level) ** 2, rel_tol=1e-4, abs_tol=1e-7)
+        alpha_squared = math.cos(math.pi / 2 * level) ** 2
+        assert math.isclose(1 / (1 + sigma[0].item() ** 2), alpha_squared, rel_tol=1e-4, abs_tol=1e-7)
     assert EDM().time_for_noise_level(0.0, 1, "cpu").item() == 0 and torch.isfinite(EDM().model_time(torch.zeros(1)))
 
 
@@ -154,11 +157,7 @@ def test_each_family_refuses_the_other_familys_sampler_by_name():
 # The EDM family in the cascade.
 
 def edm_cascade():
-    torch.manual_seed(0)
-    model = imagen.Imagen(tiny_config(family="edm", target="edm", min_snr_gamma=None))
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    return model
+    return random_cascade(family="edm", target="edm", min_snr_gamma=None)
 
 
 def test_edm_stages_have_a_finite_loss_with_gradients_and_sample_with_their_samplers():

@@ -8,28 +8,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import imagen
-import registry
-
-TEXT_DIM = 8
-
-
-def tiny_config(**stage):
-    stages = [dict(unet="BaseTest", unet_kwargs=dict(registry.UNETS["BaseTest"]), size=16, timesteps=50, **stage),
-              dict(unet="SuperTest", unet_kwargs=dict(registry.UNETS["SuperTest"]), size=32, timesteps=50, **stage)]
-    return dict(encoder="none", text_embed_dim=TEXT_DIM, max_text_len=16, stages=stages, sampling=dict(steps=3))
-
-
-@pytest.fixture(scope="module")
-def cascade():
-    torch.manual_seed(0)
-    model = imagen.Imagen(tiny_config())
-    for p in model.parameters():  # random weights everywhere, the zero-initialised output convolutions too
-        torch.nn.init.normal_(p, std=0.05)
-    return model
-
-
-def text(b):
-    return torch.randn(b, 5, TEXT_DIM), torch.ones(b, 5, dtype=torch.bool)
+from conftest import random_cascade, text, tiny_config
 
 
 @pytest.mark.parametrize("target", ["eps", "x0", "v"])
@@ -69,10 +48,7 @@ def test_a_super_resolution_stage_trains_on_crops_and_samples_whole_images():
 
 @pytest.mark.parametrize("target", ["eps", "x0", "v"])
 def test_the_layout_loss_is_the_x0_mse_at_noise_levels_from_the_layout_level_up(target):
-    torch.manual_seed(0)
-    base = imagen.Imagen(tiny_config(target=target)).stages[0]
-    for p in base.parameters():  # an untrained U-Net predicts 0: random weights make the x0 error depend on them
-        torch.nn.init.normal_(p, std=0.05)
+    base = random_cascade(target=target).stages[0]  # an untrained U-Net predicts 0: the x0 error must depend on it
     d, seen = base.diffusion, {}
     base.unet.register_forward_hook(lambda module, args, output: seen.update(xt=args[0], time=args[1], out=output))
     images = torch.rand(64, 3, 16, 16) * 2 - 1
@@ -121,7 +97,8 @@ def save_stages(folder, cascade, configs=None):
     """One checkpoint per stage whose EMA weights are the model's plus one; configs default to the cascade's."""
     for k, stage in enumerate(cascade.stages):
         config = configs[k] if configs else cascade.config
-        state = dict(config=config, unet=k, step=k, model=stage.unet.state_dict(), ema=perturbed(stage.unet.state_dict()))
+        weights = stage.unet.state_dict()
+        state = dict(config=config, unet=k, step=k, model=weights, ema=perturbed(weights))
         imagen.save_checkpoint(state, imagen.checkpoint_path(folder, k))
 
 

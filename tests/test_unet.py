@@ -8,7 +8,7 @@ from unet import Unet, parameter_table
 
 TEXT_DIM = 12
 # BaseTest with self- and cross-attention at every level, so that every attention path is exercised.
-ATTN_TEST = dict(registry.UNETS["BaseTest"], layer_attns=True, layer_cross_attns=True)
+ATTN_TEST = dict(registry.unet_kwargs("BaseTest"), layer_attns=True, layer_cross_attns=True)
 MIX_TEST = dict(ATTN_TEST, text_kernel_size=3)  # ... and a convolution over neighbouring text tokens
 SMALL_PRESETS = ["BaseTest", "SuperTest", "BaseSmall", "BaseTiny", "SuperSmall", MIX_TEST]
 
@@ -24,7 +24,9 @@ def one_thread():
 
 def preset_kwargs(preset):
     """A preset (name or dict) as the cascade builds it: Super* presets as super-resolution stages."""
-    return dict(registry.UNETS[preset], lowres_cond=preset.startswith("Super")) if isinstance(preset, str) else preset
+    if isinstance(preset, dict):
+        return preset
+    return dict(registry.unet_kwargs(preset), lowres_cond=preset.startswith("Super"))
 
 
 def make_unet(preset, seed=0):
@@ -74,7 +76,7 @@ def test_forward_backward_gives_finite_gradients_for_every_parameter(preset):
 
 
 def test_untrained_unet_predicts_zero():
-    unet = Unet(**registry.UNETS["BaseTest"], text_embed_dim=TEXT_DIM)
+    unet = Unet(**registry.unet_kwargs("BaseTest"), text_embed_dim=TEXT_DIM)
     args, _ = make_inputs(unet)
     assert unet(*args).eq(0).all()
 
@@ -195,7 +197,7 @@ def test_missing_or_unexpected_low_res_input_is_a_value_error():
 def test_bad_preset_values_are_value_errors():
     with pytest.raises(ValueError, match=r"unknown unet preset 'bsae'; choose from: BaseTest, SuperTest"):
         registry.UNETS["bsae"]
-    with pytest.raises(ValueError, match=r"num_resnet_blocks=\(1, 2, 3\) has 3 entries; give one value or 2"):
-        Unet(**dict(registry.UNETS["BaseTest"], num_resnet_blocks=(1, 2, 3)), text_embed_dim=TEXT_DIM)
+    with pytest.raises(ValueError, match=r"num_resnet_blocks .*got 3 values \[1, 2, 3\]; give 1 or 2"):
+        Unet(**dict(registry.unet_kwargs("BaseTest"), num_resnet_blocks=(1, 2, 3)), text_embed_dim=TEXT_DIM)
     with pytest.raises(ValueError, match=r"text_kernel_size=4; it must be odd and positive"):
-        Unet(**dict(registry.UNETS["BaseTest"], text_kernel_size=4), text_embed_dim=TEXT_DIM)
+        Unet(**dict(registry.unet_kwargs("BaseTest"), text_kernel_size=4), text_embed_dim=TEXT_DIM)
