@@ -36,6 +36,7 @@ GRID_PROMPTS, HELDOUT_N = 8, 64  # images in a sample grid; held-out samples who
 MAX_UNUSABLE = 1000  # consecutive unusable samples (unreadable image or no caption) before training stops
 MAX_BAD_STEPS = 10  # consecutive non-finite losses before training stops
 TUNE_EVERY, TUNE_STEPS = 200, 3  # CPU thread counts are re-timed every TUNE_EVERY steps, TUNE_STEPS steps each
+SLOWDOWN = 3  # ... and at once after a step this many times slower than its count's median
 CHECKPOINT_KEYS = ("config", "model", "ema", "ema_n", "optimizer", "scaler", "step", "position", "elapsed", "skipped")
 
 
@@ -336,8 +337,8 @@ def write_grid(cascade, parts, cache, path, heldout, only_unet):
 
 class ThreadTuner:
     """Trains at the CPU thread count that runs steps fastest under the machine's current load: a speed-only choice.
-    At the start of every TUNE_EVERY steps each option runs TUNE_STEPS real training steps; the rest use the fastest
-    (median). Every op waits for all of torch's threads: on the 2-core CPU with one core kept busy by another
+    At the start of every TUNE_EVERY steps, and whenever a step runs SLOWDOWN times slower than before, each option
+    runs TUNE_STEPS real training steps; the rest use the fastest (median). Every op waits for all of torch's threads: on the 2-core CPU with one core kept busy by another
     program, a base step took 4x longer on 2 threads than on 1 (docs/experiments.md)."""
 
     def __init__(self, options):
@@ -363,10 +364,13 @@ class ThreadTuner:
         return threads
 
     def record(self, threads, seconds):
-        """Time one step at `threads` if this round is still timing that count."""
+        """Time one step at `threads` if this round is still timing that count; a step SLOWDOWN times slower than
+        that count's median means the machine's load changed: every count is timed again from the next step."""
         times = self.seconds.setdefault(threads, [])
         if len(times) < TUNE_STEPS:
             times.append(seconds)
+        elif seconds > SLOWDOWN * statistics.median(times):
+            self.seconds = {}
 
 
 class StopSignal:

@@ -200,6 +200,17 @@ def test_thread_tuner_follows_a_load_that_changes_between_rounds(restore_threads
     assert tuner.choose(2 * train.TUNE_EVERY - 1) == 1 and busy
 
 
+def test_thread_tuner_times_again_as_soon_as_another_program_takes_a_core(restore_threads):
+    tuner = train.ThreadTuner([2, 1])
+    chosen = []
+    for step in range(100):  # well inside one round
+        busy = step >= 20  # another program takes a core at step 20
+        threads = tuner.choose(step)
+        tuner.record(threads, {2: 1.34 if busy else 0.20, 1: 0.33}[threads])
+        chosen.append(threads)
+    assert set(chosen[10:20]) == {2} and set(chosen[40:]) == {1}
+
+
 def test_fixed_threads_and_gpus_are_not_tuned(restore_threads):
     assert train.ThreadTuner.for_run("3", torch.device("cpu")).options == [3]
     assert torch.get_num_threads() == 3
