@@ -100,7 +100,7 @@ UNETS = Registry("unet preset", {
     "Super": dict(size=256, dim=128, dim_mults=(1, 2, 4, 8), num_resnet_blocks=(2, 4, 8, 8),
                   layer_attns=(False, False, False, True), layer_cross_attns=(False, False, False, True),
                   attn_heads=8, attn_dim_head=64, cond_dim=512, max_text_len=128, memory_efficient=True),
-    # CPU-trainable presets for the default 20-minute run (sizes settled by measurement, see README).
+    # CPU-trainable presets for the shapes recipe (sizes settled by measurement, docs/experiments.md).
     "BaseSmall": BASE_SMALL,
     # BaseSmall at half the width: 1.8x the steps per minute (docs/experiments.md); the shapes recipe's base.
     "BaseTiny": {**BASE_SMALL, "dim": 16},
