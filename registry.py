@@ -69,7 +69,8 @@ SAMPLERS = Registry("sampler", {
 # cannot run on it, with why.
 FAMILIES = Registry("diffusion family", {
     "ddpm": dict(make=lambda s: diffusion.Diffusion(SCHEDULES[s["schedule"]](s["timesteps"])),
-                 refuses={"heun": "EDM's Algorithm 2 evaluates the model at any σ; a ddpm stage knows T discrete times"}),
+                 refuses={"heun": "EDM's Algorithm 2 evaluates the model at any σ; a ddpm stage knows T discrete "
+                                  "times"}),
     # EDM (Karras et al. 2022): its schedule and timesteps settings are unused
     "edm": dict(make=lambda s: diffusion.EDM(),
                 refuses={"ddpm": "its ancestral step is the posterior of a discrete chain; an edm stage has none"}),
@@ -82,7 +83,8 @@ THRESHOLDS = Registry("threshold", {
 })
 
 # U-Net presets: the image side each is made for (`size`) and plain keyword data for unet.Unet (the cascade adds
-# text_embed_dim from its encoder, and lowres_cond=True for every stage after the first). Super* presets are efficient U-Nets (Imagen App. B.1).
+# text_embed_dim from its encoder, and lowres_cond=True for every stage after the first). Super* presets are
+# efficient U-Nets (Imagen App. B.1).
 BASE_SMALL = dict(size=32, dim=32, dim_mults=(1, 2, 4), num_resnet_blocks=1, layer_attns=(False, True, True),
                   layer_cross_attns=(False, True, True), attn_heads=4, attn_dim_head=32, cond_dim=128,
                   max_text_len=16, memory_efficient=True, coord_channels=True, text_kernel_size=5)

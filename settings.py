@@ -48,8 +48,9 @@ class Config:
     cond_drop_prob: float = setting(0.1, "probability of dropping the text (classifier-free guidance)")
     crop: tuple = setting((), "SR U-Nets train on random crops of this side and sample whole images (Imagen App. "
                           "F); 0 = whole images, the base takes 0 (default: half of each SR size)")
-    layout_phase: tuple = setting(("0",), "START:END per U-Net, fractions of its steps trained only at noise levels "
-                                  "from --layout-level to 1 with a plain x0 loss (where the layout is decided); 0: none")
+    layout_phase: tuple = setting(("0",), "START:END per U-Net, fractions of its steps trained only at noise "
+                                  "levels from --layout-level to 1 with a plain x0 loss (where the layout is "
+                                  "decided); 0: none")
     layout_level: float = setting(0.95, "lowest noise level of the layout phase, in [0, 1)")
     hflip: bool = setting(False, "random horizontal flips, seeded by the sample's position (break 'left'/'right')")
     holdout: float = setting(0.02, "samples never trained on: a count, or a fraction below 1")

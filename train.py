@@ -338,8 +338,9 @@ def write_grid(cascade, parts, cache, path, heldout, only_unet):
 class ThreadTuner:
     """Trains at the CPU thread count that runs steps fastest under the machine's current load: a speed-only choice.
     At the start of every TUNE_EVERY steps, and whenever a step runs SLOWDOWN times slower than before, each option
-    runs TUNE_STEPS real training steps; the rest use the fastest (median). Every op waits for all of torch's threads: on the 2-core CPU with one core kept busy by another
-    program, a base step took 4x longer on 2 threads than on 1 (docs/experiments.md)."""
+    runs TUNE_STEPS real training steps; the rest use the fastest (median). Every op waits for all of torch's
+    threads: on the 2-core CPU with one core kept busy by another program, a base step took 4x longer on 2 threads
+    than on 1 (docs/experiments.md)."""
 
     def __init__(self, options):
         self.options, self.seconds, self.round = options, {}, -1  # seconds: thread count -> this round's step times
