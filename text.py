@@ -227,7 +227,8 @@ def main():
     a("--data", help="a dataset as train.py takes it: 'shapes', an image-caption folder or .tar shards")
     a("--captions", help="a text file, one caption per line (instead of --data)")
     a("--encoder", default="minilm", help="registered name, Hugging Face id or model folder")
-    a("--unets", default=",".join(registry.RECIPES["shapes"]["unets"]), help="the presets you will train: the cache uses their text length")
+    a("--unets", default=",".join(registry.RECIPES["shapes"]["unets"]),
+      help="the presets you will train: the cache uses their text length")
     a("--max-length", type=int, default=None, help="text length in tokens (default: the longest of --unets)")
     a("--cache-dir", default=DEFAULT_CACHE_DIR, help="cache root folder, as train.py's --cache-dir")
     a("--batch-size", type=int, default=256)
