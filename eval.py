@@ -3,13 +3,18 @@
 Shapes: samples prompts of the shapes grammar drawn with a seed the training data never used, judges every image
 with the pixel-reading shapes judge (data.judge) and prints JSON colour, shape and position accuracy, seconds per
 image and the base's word-order gaps (word_order_gaps). Other data: the held-out samples that training never read
-(train.py's --holdout, stored in the checkpoint): prints each stage's held-out loss at fixed noise, writes a grid of
-samples of held-out captions, each beside its real image, and plots the held-out losses that training logged.
+(train.py's --holdout, stored in the checkpoint): prints each stage's held-out loss at fixed noise and plots the
+held-out losses that training logged. It also samples every held-out caption and --n-trained training captions once
+and ranks all of the data's pictures by their distance to each sample (retrieval_ranks): recall@1, recall@10 and the
+median rank of the caption's own picture, beside chance; CKPT/trained.png and CKPT/heldout.png show samples beside
+their pictures.
 """
 import argparse
+import functools
 import json
 import math
 import os
+import statistics
 import time
 
 import torch
@@ -22,6 +27,8 @@ from sample import add_sampling_args, at_least_one, generate, sampling_setup
 EVAL_SEED = 20_251_125  # prompts for evaluation; training draws from the dataset's own per-index seeds
 JUDGE_KEYS = ("color", "shape", "position")  # the verdicts of data.judge
 WORD_ORDER_LEVEL, WORD_ORDER_SCENES = 0.85, 128  # the word-order probe: noise level (fraction of T), scenes
+RETRIEVAL_SIDE = 16  # --data: samples and pictures are compared as RGB images this many pixels wide
+GRID_PAIRS = 32  # --data: samples shown beside their pictures in each grid
 
 
 def score(images, prompts):
@@ -91,58 +98,134 @@ def plot_losses(log_path, png_path, width=640, panel=220, pad=44):
     return png_path
 
 
-def eval_heldout(cascade, stop_at, cache, sample, *, data_spec, n, folder, grid, device):
-    """JSON result for --data: held-out losses per stage, a samples-beside-real grid, the log's loss plot.
+# ---- --data: held-out loss, and how well each sample picks out its own picture among all of the data's ----
 
-    `sample(captions)` draws images [n, 3, s, s] in [0, 1]; `folder` holds the checkpoint and its log.
+def retrieval_ranks(samples, pictures, own_index):
+    """The rank (1 = nearest) of each sample's own picture among all pictures by L2 distance of RGB images resized to
+    RETRIEVAL_SIDE px (antialiased); a picture as near as the own one does not push it down.
+
+    samples [n, 3, h, w] and pictures [m, 3, h', w'] in [0, 1]; own_index [n]: each sample's row in pictures.
     """
+    a = imagen.resize(samples.float(), RETRIEVAL_SIDE).flatten(1)  # [n, 3 * side²]
+    b = imagen.resize(pictures.float(), RETRIEVAL_SIDE).flatten(1)  # [m, 3 * side²]
+    distances = torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")  # [n, m], exact: an equal image is 0
+    own = distances.gather(1, own_index[:, None])  # [n, 1]
+    return (distances < own).sum(1) + 1  # [n]
+
+
+def retrieval_scores(ranks):
+    """recall@1, recall@10 (the fraction of own pictures ranked within 1 or 10) and the median rank of ranks [n]."""
+    def recall(k):
+        return round((ranks <= k).float().mean().item(), 4)
+    return {"n": len(ranks), "recall@1": recall(1), "recall@10": recall(10),
+            "median_rank": statistics.median(ranks.tolist())}
+
+
+def chance_scores(n_pictures):
+    """What retrieval_scores expects of samples unrelated to their captions, among n_pictures pictures."""
+    return {"recall@1": round(1 / n_pictures, 4), "recall@10": round(min(10, n_pictures) / n_pictures, 4),
+            "median_rank": (n_pictures + 1) / 2}
+
+
+def retrieval_pictures(dataset, chunk=256):
+    """(every usable picture of the dataset at RETRIEVAL_SIDE px [m, 3, side, side] in [0, 1], {dataset index: row}),
+    read `chunk` pictures at a time."""
+    rows, parts = {}, []
+    for start in range(0, len(dataset), chunk):
+        items = {i: item for i in range(start, min(start + chunk, len(dataset))) if (item := dataset[i]) is not None}
+        rows |= {i: len(rows) + k for k, i in enumerate(items)}
+        if items:
+            images = torch.stack([image for image, _ in items.values()])  # [k, 3, s, s] uint8
+            parts.append(imagen.resize(images.float() / 255, RETRIEVAL_SIDE))
+    return torch.cat(parts), rows
+
+
+def fixed_choice(indices, n):
+    """n of the indices (all if fewer), the same ones every time (seeded by EVAL_SEED), in order."""
+    order = torch.randperm(len(indices), generator=torch.Generator().manual_seed(EVAL_SEED))[:n]
+    return [indices[i] for i in sorted(order.tolist())]
+
+
+def retrieval(dataset, indices, pictures, rows, sample, grid):
+    """Sample each caption of the dataset at `indices` once, rank its own picture (retrieval_scores), and save the
+    first GRID_PAIRS samples beside their pictures as the PNG `grid`."""
+    captions = dataset.captions()
+    samples = sample([captions[i] for i in indices])  # [n, 3, s, s] in [0, 1]
+    ranks = retrieval_ranks(samples, pictures, torch.tensor([rows[i] for i in indices]))
+    shown = torch.stack([dataset[i][0] for i in indices[:GRID_PAIRS]]).float() / 255  # [k, 3, s, s]
+    imagen.save_grid(torch.stack((samples[:GRID_PAIRS], shown), dim=1).flatten(0, 1), grid, nrow=8)  # sample, own
+    return retrieval_scores(ranks)
+
+
+def eval_data(cascade, stop_at, cache, sample, *, data_spec, n, n_trained, folder, device):
+    """JSON result for --data: held-out losses per stage of the first n held-out samples; retrieval of the pictures
+    of n_trained training captions and of every held-out caption (grids CKPT/trained.png and CKPT/heldout.png);
+    the plot of the held-out losses that training logged. `sample(captions)` draws images [k, 3, s, s] in [0, 1];
+    `folder` holds the checkpoint and its log."""
     size = cascade.config["stages"][stop_at - 1]["size"]
-    holdout = cascade.config.get("holdout", 0.02)
-    images, captions = data.first_usable(data.holdout_split(data.make_dataset(data_spec, size), holdout, size)[1], n)
+    dataset = data.make_dataset(data_spec, size)
+    if isinstance(dataset, data.Shapes):
+        raise ValueError("--data shapes: procedural scenes have no fixed pictures to rank; run eval.py without "
+                         "--data, which judges the shapes")
+    train_set, heldout_set = data.holdout_split(dataset, cascade.config.get("holdout", 0.02), size)
+    images, captions = data.first_usable(heldout_set, n)
     losses = heldout_losses(cascade, stop_at, cache, images, captions, device)
-    pairs = torch.stack((sample(captions), images.float() / 255), dim=1).flatten(0, 1)  # sample, real, ...
-    grid = grid or os.path.join(folder, "heldout.png")
-    imagen.save_grid(pairs, grid, nrow=8)
+    pictures, rows = retrieval_pictures(dataset)  # [m, 3, side, side]
+    chosen = dict(trained=fixed_choice([i for i in train_set.indices if i in rows], n_trained),
+                  heldout=[i for i in heldout_set.indices if i in rows])
+    if empty := [name for name, indices in chosen.items() if not indices]:
+        raise ValueError(f"--data {data_spec!r} has no usable {empty[0]} sample to rank")
+    grids = {name: os.path.join(folder, f"{name}.png") for name in chosen}
+    scores = {name: retrieval(dataset, indices, pictures, rows, sample, grids[name])
+              for name, indices in chosen.items()}
     log = os.path.join(folder, "log.jsonl")
     plot = plot_losses(log, os.path.join(folder, "heldout-loss.png")) if os.path.exists(log) else None
-    return dict(heldout_loss=losses, n=len(captions), captions=captions, grid=grid, plot=plot)
+    return dict(heldout_loss=losses, n=len(captions), captions=captions, grid=grids["heldout"],
+                trained_grid=grids["trained"], plot=plot,
+                retrieval=dict(scores, chance=chance_scores(len(pictures)), pictures=len(pictures)))
+
+
+def eval_shapes(cascade, cache, sample, *, n, prompt_seed, grid, device):
+    """JSON result without --data: judge scores of n shapes prompts, seconds per image, the word-order gaps."""
+    prompts = data.shapes_captions(n, seed=prompt_seed)
+    cache(prompts)  # encode misses now, so the timing below is sampling alone
+    start = time.perf_counter()
+    images = sample(prompts)
+    seconds = time.perf_counter() - start
+    if grid:
+        imagen.save_grid(images, grid, nrow=12)
+    return dict(score(images, prompts), n=n, seconds_per_image=round(seconds / n, 4), size=images.shape[-1],
+                threads=torch.get_num_threads(),
+                word_order_gap=word_order_gaps(cascade.stages[0], cache, prompt_seed, device))
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_sampling_args(p)
     p.add_argument("--n", type=int, default=96, help="number of prompts (one image each); with --data, at most "
-                   "this many held-out samples")
+                   "this many held-out samples for the held-out loss")
     p.add_argument("--prompt-seed", type=int, default=EVAL_SEED, help="seed of the evaluation prompts")
-    p.add_argument("--grid", default=None, help="also save the judged images as this PNG grid (--data: the "
-                   "samples beside the real images; default CKPT/heldout.png)")
+    p.add_argument("--grid", default=None, help="also save the judged images as this PNG grid (without --data)")
     p.add_argument("--data", default=None, help="the dataset the cascade was trained on (a folder or shards): "
-                   "evaluate on its held-out samples instead of shapes prompts")
+                   "evaluate on it instead of shapes prompts")
+    p.add_argument("--n-trained", type=int, default=256, help="with --data: training captions whose pictures are "
+                   "ranked (beside every held-out caption)")
     args = p.parse_args(argv)
     try:
         at_least_one(args.n, "--n")
+        at_least_one(args.n_trained, "--n-trained")
         cascade, stop_at, cache, options = sampling_setup(args)
-
-        def sample(prompts):
-            return generate(cascade, cache, prompts, stop_at, options, seed=args.seed, batch_size=args.batch_size,
-                            device=args.device)
+        sample = functools.partial(generate, cascade, cache, stop_at=stop_at, options=options, seed=args.seed,
+                                   batch_size=args.batch_size, device=args.device)
         if args.data:
             folder = args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(args.ckpt)
-            print(json.dumps(eval_heldout(cascade, stop_at, cache, sample, data_spec=args.data, n=args.n,
-                                          folder=folder, grid=args.grid, device=args.device)))
-            return
+            result = eval_data(cascade, stop_at, cache, sample, data_spec=args.data, n=args.n,
+                               n_trained=args.n_trained, folder=folder, device=args.device)
+        else:
+            result = eval_shapes(cascade, cache, sample, n=args.n, prompt_seed=args.prompt_seed, grid=args.grid,
+                                 device=args.device)
     except (ValueError, OSError) as e:
         p.error(imagen.first_line(e))
-    prompts = data.shapes_captions(args.n, seed=args.prompt_seed)
-    cache(prompts)  # encode misses now, so the timing below is sampling alone
-    start = time.perf_counter()
-    images = sample(prompts)
-    seconds = time.perf_counter() - start
-    if args.grid:
-        imagen.save_grid(images, args.grid, nrow=12)
-    result = dict(score(images, prompts), n=args.n, seconds_per_image=round(seconds / args.n, 4),
-                  size=images.shape[-1], threads=torch.get_num_threads(),
-                  word_order_gap=word_order_gaps(cascade.stages[0], cache, args.prompt_seed, args.device))
     print(json.dumps(result))
 
 
