@@ -109,6 +109,9 @@ def sampling_setup(args):
     at_least_one(args.batch_size, "--batch-size")
     cascade, stop_at, cache = load_for_sampling(args.ckpt, args.device, ema=not args.no_ema,
                                                 stop_at_unet=args.stop_at_unet, cache_dir=args.cache_dir)
+    for key in ("sampler", "steps", "cond_scale"):
+        if options[key] is not None:
+            registry.broadcast(options[key], len(cascade.stages), f"--{key.replace('_', '-')} (one per U-Net)")
     return cascade, stop_at, cache, options
 
 
@@ -189,6 +192,19 @@ def export(args):
     print(args.export)
 
 
+def read_prompts(prompts, prompts_file, n_per_prompt):
+    """The --prompt values then the lines of --prompts, each repeated n_per_prompt times."""
+    if prompts_file:
+        try:
+            with open(prompts_file) as f:
+                prompts = [*prompts, *(line.strip() for line in f if line.strip())]
+        except OSError as e:
+            raise ValueError(f"--prompts {prompts_file!r}: cannot read it ({e.strerror})") from None
+    if not prompts:
+        raise ValueError("give at least one --prompt or a --prompts file")
+    return [q for q in prompts for _ in range(at_least_one(n_per_prompt, "--n-per-prompt"))]
+
+
 def slug(prompt):
     return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "prompt"
 
@@ -210,14 +226,8 @@ def main(argv=None):
         except (ValueError, OSError) as e:
             p.error(imagen.first_line(e))
         return
-    prompts = list(args.prompt)
-    if args.prompts:
-        with open(args.prompts) as f:
-            prompts += [line.strip() for line in f if line.strip()]
-    if not prompts:
-        p.error("give at least one --prompt or a --prompts file")
     try:
-        prompts = [q for q in prompts for _ in range(at_least_one(args.n_per_prompt, "--n-per-prompt"))]
+        prompts = read_prompts(args.prompt, args.prompts, args.n_per_prompt)
         cascade, stop_at, cache, options = sampling_setup(args)
         start_at, start_images, edit = edit_from_args(args, stop_at)
         images = generate(cascade, cache, prompts, stop_at, options, seed=args.seed, batch_size=args.batch_size,

@@ -308,6 +308,7 @@ def test_unknown_sampler_is_refused(trained, cache_dir):
     ("sample.py", ["--threshold-p", "0"], "--threshold-p 0.0"),
     ("sample.py", ["--batch-size", "0"], "--batch-size 0"),
     ("sample.py", ["--n-per-prompt", "0"], "--n-per-prompt 0"),
+    ("sample.py", ["--prompts", "/no/such/prompts.txt"], "--prompts '/no/such/prompts.txt': cannot read it"),
     ("eval.py", ["--cond-scale", "nan"], "--cond-scale 'nan'"),
     ("eval.py", ["--n", "0"], "--n 0"),
 ])

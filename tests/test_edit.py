@@ -204,6 +204,7 @@ def test_start_at_unet_super_resolves_a_given_image(trained, tmp_path, cache_dir
     (["--init-image", "WIDE"], "is 24x16; give a square image"),
     (["--sampler", "heun"], "sampler 'heun' cannot run on U-Net 0 (ddpm diffusion)"),
     (["--sampler", "ddpm,heun"], "sampler 'heun' cannot run on U-Net 1 (ddpm diffusion)"),
+    (["--steps", "2,2,2"], "--steps (one per U-Net): got 3 values"),
 ])
 def test_bad_edit_flags_fail_with_one_line_error(trained, tmp_path, cache_dir, args, needle):
     square, wide = write_png(tmp_path / "sq.png", np.zeros((16, 16, 3), np.uint8)), str(tmp_path / "wide.png")
