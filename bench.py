@@ -36,7 +36,7 @@ import sample
 from diffusion import Edit
 import text
 import train
-from settings import DEFAULTS, cascade_config, resolve
+from settings import COMPILE_MODES, DEFAULTS, cascade_config, resolve
 from eval import EVAL_SEED, JUDGE_KEYS, score
 from imagen import save_grid
 
@@ -56,7 +56,7 @@ def parse_args(argv=None):
     a("--sizes", default=None, help="train: their image sizes, as train.py --sizes")
     a("--batch-size", type=int, default=None, help="train: images per step (default: the recipe's)")
     a("--steps", type=int, default=5, help=f"train: timed steps per measurement (after {WARMUP} warm-up steps)")
-    a("--compile", nargs="?", const="default", default=None, choices=train.COMPILE_MODES,
+    a("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
       help="train: also measure torch.compile in this mode (slow to compile on CPU)")
     a("--ckpt", default=defaults.out, help="sample: a trained cascade (a train.py --out folder)")
     a("--n-eval", type=int, default=96, help="sample: eval prompts per sampler at its default steps")

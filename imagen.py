@@ -31,7 +31,7 @@ STAGE_DEFAULTS = dict(
 # Sampling defaults, overridable on every command line; per-stage lists where stages differ.
 SAMPLING_DEFAULTS = dict(
     # ancestral ddpm over 20 respaced steps: on 1,536 eval prompts per machine (CPU, H200) it matched dpmpp-2m on
-    # colour and position and got 0.009-0.020 more shapes right (README, Benchmarks)
+    # colour and position and got 0.009-0.020 more shapes right (docs/experiments.md)
     # static thresholding: on white-background data, dynamic thresholding's division by s greys the background
     sampler="ddpm", steps=20, cond_scale=3.0, lowres_noise=0.2, threshold="static", threshold_p=0.995,
 )
