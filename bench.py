@@ -43,6 +43,9 @@ from imagen import save_grid
 WARMUP = 2  # untimed steps first: allocator warm-up, and torch.compile's compilation
 TEXT_BATCH, TEXT_LEN = 64, 32  # captions per encoder call, tokens per caption in the text section
 PROFILE_TOP = 12  # operators listed per stage in the profile section
+MATMUL_N = 4096  # the side of the torch.mm whose FLOP/s is the measured peak
+DATASHEET_TFLOPS = dict(H100=dict(bf16=989, fp32=67), H200=dict(bf16=989, fp32=67),  # dense, NVIDIA's datasheets
+                        A100=dict(bf16=312, fp32=19.5))
 
 
 def parse_args(argv=None):
@@ -179,7 +182,41 @@ def bench_train(args):
     cases = [(args, k, p, cl, c, "cached") for k, p, cl, c in
              itertools.product(stages, ("fp32", "bf16"), (0, 1), compile_modes)]
     cases += [(args, k, None, None, c, "encoded") for k in stages for c in compile_modes]  # minilm each step
-    return in_fresh_processes(train_case, cases)
+    rows, peaks = in_fresh_processes(train_case, cases), matmul_peaks(torch.device(args.device))
+    config, datasheet = cascade_config(cfg, spec), DATASHEET_TFLOPS.get(machine(args)["device"].split()[-1], {})
+    flops = {k: imagen.training_cost(config, k, cfg.batch_size[k])["flops"] / cfg.batch_size[k] for k in stages}
+    for row in rows:  # model FLOP/s over the measured matmul peak (MFU), and over the datasheet's where known
+        k, precision = int(row["stage"][4:].split()[0]), row["precision"]
+        achieved = flops[k] * row["images_per_s"]
+        row.update(gflop_per_image=round(flops[k] / 1e9, 2), tflop_s=round(achieved / 1e12, 3),
+                   mfu_measured_peak=round(achieved / peaks[precision], 3))
+        if precision in datasheet:
+            row["mfu_datasheet"] = round(achieved / (datasheet[precision] * 1e12), 3)
+    return rows + [dict(stage=f"torch.mm {MATMUL_N}³", precision=p, tflop_s=round(v / 1e12, 3)) for p, v in peaks.items()]
+
+
+def matmul_peaks(device):
+    """Measured FLOP/s of a MATMUL_N³ torch.mm in fp32 and bf16: the best of 3 after a warm-up."""
+    peaks = {}
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = (torch.randn(MATMUL_N, MATMUL_N, device=device, dtype=dtype) for _ in range(2))
+        torch.mm(a, b)
+        peaks[precision] = 2 * MATMUL_N ** 3 / min(timed(lambda: torch.mm(a, b), device)[1] for _ in range(3))
+    return peaks
+
+
+def bench_presets(args):
+    """Rows: every preset at its own size: parameters, model GFLOP per training image and the memory training needs
+    at --batch-size (default 32), without and with checkpointing, counted on the meta device."""
+    rows, b = [], args.batch_size or 32
+    for name in registry.UNETS.names():
+        cfg = resolve(dict(unets=[name], batch_size=b))
+        config = cascade_config(cfg, text.resolve(cfg.encoder, registry.ENCODERS))
+        plain, saved = (imagen.training_cost(config, 0, b, checkpointing=c) for c in (False, True))
+        rows.append(dict(preset=name, size=cfg.sizes[0], parameters_m=round(plain["parameters"] / 1e6, 1),
+                         gflop_per_image=round(plain["flops"] / b / 1e9, 2), batch=b,
+                         gib=round(plain["bytes"] / 2**30, 2), gib_checkpointing=round(saved["bytes"] / 2**30, 2)))
+    return rows
 
 
 def in_fresh_processes(fn, cases):
@@ -528,7 +565,7 @@ def markdown(rows):
     return "\n".join(lines + ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows])
 
 
-SECTIONS = dict(train=bench_train, profile=bench_profile, sample=bench_sample, text=bench_text, data=bench_data,
+SECTIONS = dict(train=bench_train, presets=bench_presets, profile=bench_profile, sample=bench_sample, text=bench_text, data=bench_data,
                 inpaint=bench_inpaint, threads=bench_threads)
 
 

@@ -29,14 +29,16 @@ def linear_betas(T):
     """DDPM's linear betas 1e-4 -> 0.02 (Ho et al. 2020, §4), scaled by 1000/T as in MinImagen; float64 [T]."""
     _check_num_timesteps(T)
     scale = 1000 / T
-    return torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64).clamp(max=0.999)  # < 1 for T <= 20
+    betas = torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64, device="cpu")
+    return betas.clamp(max=0.999)  # < 1 for T <= 20
 
 
 def cosine_betas(T):
     """Cosine schedule, s = 0.008, betas clipped at 0.999 (Nichol & Dhariwal 2021, Eq. 17); float64 [T]."""
     _check_num_timesteps(T)
     s = 0.008
-    alphas_cumprod = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+    steps = torch.arange(T + 1, dtype=torch.float64, device="cpu")  # [T + 1]
+    alphas_cumprod = torch.cos((steps / T + s) / (1 + s) * math.pi / 2) ** 2
     return (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(max=0.999)
 
 
@@ -46,11 +48,11 @@ def _column(values, x):
 
 
 def _noise_levels(level, batch, device):
-    """Noise levels in [0, 1] (a float, or a tensor [batch]) as float64 [batch]; ValueError outside."""
-    level = torch.as_tensor(level, dtype=torch.float64, device=device).expand(batch)  # [batch]
-    if not ((level >= 0) & (level <= 1)).all():
-        raise ValueError(f"noise level must be in [0, 1], got {level.unique().tolist()}")
-    return level
+    """Noise levels in [0, 1] (a float, or a tensor [batch] drawn in range) as float64 [batch]; a float outside is
+    a ValueError (a tensor is not checked: that would wait for the device at every training step)."""
+    if not torch.is_tensor(level) and not 0 <= level <= 1:
+        raise ValueError(f"noise level must be in [0, 1], got {level}")
+    return torch.as_tensor(level, dtype=torch.float64, device=device).expand(batch)  # [batch]
 
 
 class Diffusion(torch.nn.Module):
@@ -60,7 +62,7 @@ class Diffusion(torch.nn.Module):
 
     def __init__(self, betas):
         super().__init__()
-        betas = torch.as_tensor(betas, dtype=torch.float64)  # [T]
+        betas = torch.as_tensor(betas, dtype=torch.float64, device="cpu")  # [T], computed on the host
         if betas.ndim != 1 or len(betas) == 0 or not ((betas > 0) & (betas <= 1)).all():
             raise ValueError(f"betas must be a non-empty 1-D tensor with values in (0, 1], got {betas}")
         self.num_timesteps = len(betas)

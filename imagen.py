@@ -148,6 +148,30 @@ def fixed_noise_loss(stage, images, text_embeds, text_mask, seed):
         return stage(images, text_embeds, text_mask).item()
 
 
+def training_cost(config, k, batch_size, checkpointing=False):
+    """{parameters, flops, bytes} of one training step of stage k at this batch size, counted on the meta device (no
+    memory, no time): FLOPs of the forward and backward pass (torch.utils.flop_counter), and the memory training
+    needs in fp32: weights, gradients, AdamW's two moments and the EMA (5 copies), plus the activations the
+    backward pass keeps (saved-tensor hooks)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    saved = []
+
+    def keep(tensor):
+        saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+    with torch.device("meta"):
+        stage = build_stages(config)[k].to("meta")  # the diffusion's coefficients are computed on the host
+        stage.unet.set_checkpointing(checkpointing)
+        size, n, d = stage.size, config["max_text_len"], config["text_embed_dim"]
+        inputs = torch.zeros(batch_size, 3, size, size), torch.zeros(batch_size, n, d), torch.ones(batch_size, n).bool()
+        with FlopCounterMode(display=False) as counter:
+            with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+                loss = stage(*inputs)
+            loss.backward()
+    parameters = sum(p.numel() for p in stage.parameters())
+    return dict(parameters=parameters, flops=counter.get_total_flops(), bytes=5 * 4 * parameters + sum(saved))
+
+
 def build_stages(config):
     """nn.ModuleList of Stages from a cascade config (the dict every checkpoint stores)."""
     stages, sizes = config["stages"], [s["size"] for s in config["stages"]]

@@ -40,6 +40,8 @@ class Config:
     ema_decay: float = setting(0.9999, "EMA decay, warmed up as min(decay, (1 + n) / (10 + n))")
     precision: tuple = setting(("fp32",), "autocast precision per U-Net: fp32, bf16 or fp16")
     channels_last: tuple = setting((1,), "channels_last memory format per U-Net: 1 or 0")
+    checkpointing: tuple = setting((0,), "activation checkpointing per U-Net: 1 recomputes each level's activations "
+                                   "in the backward pass instead of keeping them (less memory, more compute)")
     family: tuple = setting(("ddpm",), "diffusion family per U-Net: " + ", ".join(registry.FAMILIES.names()))
     target: tuple = setting((), "prediction target per U-Net: eps, x0 or v for ddpm (default v); edm for edm")
     schedule: tuple = setting(("cosine",), "noise schedule per U-Net: " + ", ".join(registry.SCHEDULES.names()))
@@ -77,6 +79,7 @@ class Config:
 
 DEFAULTS = Config()
 PER_STAGE = dict(unets=str, sizes=int, steps=int, minutes=float, batch_size=int, precision=str, channels_last=int,
+                 checkpointing=int,
                  family=str, target=str, schedule=str, timesteps=int, min_snr_gamma=float, crop=int,
                  layout_phase=str, cond_scale=float, sample_steps=int)
 # Settings that a resume must share with the checkpoint: another value would change what the run means.
@@ -176,6 +179,7 @@ def check(cfg):
     checks = [("minutes", min(cfg.minutes) >= 0, "a cap >= 0 per U-Net (0 = none)"),
               ("precision", set(cfg.precision) <= {"fp32", "bf16", "fp16"}, "fp32, bf16 or fp16 per U-Net"),
               ("channels_last", set(cfg.channels_last) <= {0, 1}, "1 (channels_last) or 0 per U-Net"),
+              ("checkpointing", set(cfg.checkpointing) <= {0, 1}, "1 (checkpointed) or 0 per U-Net"),
               ("layout_level", 0 <= cfg.layout_level < 1, "a noise level in [0, 1)"),
               ("lr", cfg.lr > 0 and math.isfinite(cfg.lr), "a positive number"),
               ("ema_decay", 0 <= cfg.ema_decay < 1, "a decay in [0, 1)"),

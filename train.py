@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import resource
 import signal
 import statistics
 import sys
@@ -84,10 +85,32 @@ class Parts(NamedTuple):
     memory_format: torch.memory_format
 
 
+def available_memory(device):
+    """Bytes free for training: the GPU's free memory, or the RAM Linux says is available (and within the address-space
+    limit, where one is set)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    meminfo = dict(line.split(":") for line in open("/proc/meminfo"))
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    return min(int(meminfo["MemAvailable"].split()[0]) * 1024, limit if limit > 0 else math.inf)
+
+
+def check_memory(cfg, config, k, device):
+    """A one-line ValueError, before anything is allocated, where stage k needs more memory than the device has."""
+    need = imagen.training_cost(config, k, cfg.batch_size[k], bool(cfg.checkpointing[k]))["bytes"]
+    free = available_memory(device)
+    if need > free:
+        raise ValueError(f"unet{k} ({cfg.unets[k]}) needs about {need / 2**30:.1f} GiB to train at --batch-size "
+                         f"{cfg.batch_size[k]}, and {device.type} has {free / 2**30:.1f} GiB free: use a GPU, a smaller "
+                         "preset or --batch-size, or --checkpointing 1")
+
+
 def build_parts(cfg, cascade, k, device, world):
     """Stage k on the device with its optimizer, EMA and grad scaler."""
+    check_memory(cfg, cascade.config, k, device)
     memory_format = torch.channels_last if cfg.channels_last[k] else torch.contiguous_format
     stage = cascade.stages[k].to(device, memory_format=memory_format)
+    stage.unet.set_checkpointing(bool(cfg.checkpointing[k]))
     opt = torch.optim.AdamW(stage.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.01,
                             fused=True)  # one kernel for all parameters: 5x faster than the default loop
     ema = AveragedModel(stage.unet, multi_avg_fn=ema_update(cfg.ema_decay), use_buffers=True)
@@ -475,6 +498,9 @@ def main(argv=None):
         train(parse_config(argv))
     except (ValueError, OSError) as e:  # bad flags, checkpoints, data folders, encoder ids; a full disk
         raise SystemExit(f"error: {imagen.first_line(e)}")
+    except torch.OutOfMemoryError:  # the last checkpoint on disk is whole: saves are atomic
+        raise SystemExit("error: out of GPU memory while training; the last checkpoint is untouched: re-run with a "
+                         "smaller --batch-size (--grad-accum keeps the batch), --checkpointing 1 or --precision bf16")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from einops import rearrange
 from torch import nn
 
@@ -172,32 +173,31 @@ class TransformerBlock(nn.Module):
 
 
 class DownLevel(nn.Module):
-    """Encoder level: [downsample], ResnetBlocks, [TransformerBlock], [downsample]; pushes N + 1 skips."""
+    """Encoder level: [downsample], ResnetBlocks, [TransformerBlock], [downsample] -> (x, its N skips)."""
 
     def __init__(self, before, blocks, attn, after):
         super().__init__()
         self.before, self.blocks, self.attn, self.after = before, nn.ModuleList(blocks), attn, after
 
-    def forward(self, x, cond, skips):
-        x = self.blocks[0](self.before(x), cond)
+    def forward(self, x, cond):
+        x, skips = self.blocks[0](self.before(x), cond), []
         for block in self.blocks[1:]:
             x = block(x, cond)
             skips.append(x)
         x = self.attn(x)
-        skips.append(x)
-        return self.after(x)
+        return self.after(x), (*skips, x)
 
 
 class UpLevel(nn.Module):
-    """Decoder level: each ResnetBlock first concatenates a skip connection; optional TransformerBlock; upsample."""
+    """Decoder level: each ResnetBlock first concatenates a skip connection (the last first); optional
+    TransformerBlock; upsample."""
 
     def __init__(self, blocks, attn, after, skip_scale):
         super().__init__()
         self.blocks, self.attn, self.after, self.skip_scale = nn.ModuleList(blocks), attn, after, skip_scale
 
-    def forward(self, x, cond, skips):
-        for block in self.blocks:
-            skip = skips.pop()
+    def forward(self, x, cond, *skips):
+        for block, skip in zip(self.blocks, reversed(skips)):
             x = block(torch.cat((x, skip if self.skip_scale == 1 else skip * self.skip_scale), dim=1), cond)
         return self.after(self.attn(x))
 
@@ -261,6 +261,7 @@ class Unet(nn.Module):
         self.mid_block1 = resnet(dims[-1], dims[-1], cond_dim=cond_dim)
         self.mid_attn = transformer(dims[-1]) if attns[-1] else nn.Identity()
         self.mid_block2 = resnet(dims[-1], dims[-1], cond_dim=cond_dim)
+        self.checkpointing = False  # set_checkpointing: recompute each level in the backward pass
         self.final_conv = nn.Conv2d(2 * dim, channels, 3, padding=1)  # reads the features and the first conv's
         nn.init.zeros_(self.final_conv.weight)  # the untrained U-Net predicts 0
         nn.init.zeros_(self.final_conv.bias)
@@ -298,12 +299,30 @@ class Unet(nn.Module):
         x = init = self.init_conv(x)  # [b, dim, h, w]
         skips = []
         for level in self.downs:
-            x = level(x, cond, skips)
-        x = self.mid_block2(self.mid_attn(self.mid_block1(x, cond)), cond)
+            x, level_skips = self._run(level, x, cond)
+            skips += level_skips
+        x = self._run(self._middle, x, cond)
         for level in self.ups:
-            x = level(x, cond, skips)
+            x = self._run(level, x, cond, *skips[-len(level.blocks):])
+            del skips[-len(level.blocks):]
         # a full-resolution path to the output: an efficient U-Net has no block at full resolution
         return self.final_conv(torch.cat((x, init), dim=1))  # [b, channels, h, w]
+
+    def _middle(self, x, cond):
+        """The bottleneck: ResnetBlock, [TransformerBlock], ResnetBlock."""
+        return self.mid_block2(self.mid_attn(self.mid_block1(x, cond)), cond)
+
+    def set_checkpointing(self, on):
+        """Activation checkpointing (Chen et al. 2016): each level's activations are recomputed in the backward pass
+        instead of kept, for less memory at the cost of one more forward pass of the levels."""
+        self.checkpointing = on
+        return self
+
+    def _run(self, level, *inputs):
+        """level(*inputs), checkpointed while training with checkpointing on."""
+        if self.checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(level, *inputs, use_reentrant=False)
+        return level(*inputs)
 
     def _condition(self, time, text_embeds, text_mask, keep_text, lowres_noise_time):
         """The time vector and the context tokens (time tokens + text tokens) with their attention mask."""

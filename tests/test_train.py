@@ -88,6 +88,44 @@ def test_precision_and_memory_format_are_set_per_stage():
     assert parts.stage.unet.final_conv.weight.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_checkpointing_gives_the_same_loss_and_gradients_with_less_kept_activations():
+    _, config, _ = parts_for("--steps", "1")
+    torch.manual_seed(0)
+    stage = imagen.Imagen(config).stages[1]  # the super-resolution stage: low-res input, crops, skips
+    images, emb, mask = torch.rand(4, 3, 32, 32) * 2 - 1, torch.randn(4, 5, 384), torch.ones(4, 5, dtype=torch.bool)
+    results = []
+    for on in (False, True):
+        stage.unet.set_checkpointing(on)
+        stage.zero_grad()
+        torch.manual_seed(1)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            saved = []
+            loss = stage(images, emb, mask)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in stage.parameters()], sum(saved)))
+    (loss, grads, kept), (loss_c, grads_c, kept_c) = results
+    assert torch.equal(loss, loss_c) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, grads_c))
+    assert kept_c < kept / 2  # the activations the backward pass keeps from the forward pass
+
+
+def test_a_stage_that_does_not_fit_is_refused_in_one_line_before_anything_is_allocated(monkeypatch):
+    cfg, config, _ = parts_for("--steps", "1")
+    need = imagen.training_cost(config, 1, 4)["bytes"]
+    monkeypatch.setattr(train, "available_memory", lambda device: need - 1)
+    with pytest.raises(ValueError, match=r"unet1 \(SuperTest\) needs about .* --batch-size 4, and cpu has .* free"):
+        train.build_parts(cfg, imagen.Imagen(config), 1, torch.device("cpu"), world=1)
+    monkeypatch.setattr(train, "available_memory", lambda device: need)
+    train.build_parts(cfg, imagen.Imagen(config), 1, torch.device("cpu"), world=1)
+
+
+def test_training_cost_grows_with_the_batch_and_checkpointing_keeps_less():
+    _, config, _ = parts_for("--steps", "1")
+    one, four, saved = (imagen.training_cost(config, 1, b, checkpointing=c) for b, c in ((1, False), (4, False),
+                                                                                         (4, True)))
+    assert one["parameters"] == four["parameters"] > 0 and four["flops"] == pytest.approx(4 * one["flops"], rel=0.05)
+    assert one["bytes"] < four["bytes"] and saved["bytes"] < four["bytes"] and saved["flops"] > four["flops"]
+
+
 def tiny_batch():
     """One micro-batch for stage 0 of the tiny cascade: images [4, 3, 16, 16], MiniLM-wide text, mask."""
     return torch.rand(4, 3, 16, 16) * 2 - 1, torch.randn(4, 5, 384), torch.ones(4, 5, dtype=torch.bool)
