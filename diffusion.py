@@ -84,65 +84,39 @@ class Diffusion(torch.nn.Module):
         for name, value in buffers.items():
             self.register_buffer(name, value.float(), persistent=False)
 
-    @staticmethod
-    def _at(buffer, t, x):
-        """buffer[t] shaped to broadcast against x."""
-        return _column(buffer[t], x)  # [b, 1, ..., 1]
-
     def _alpha_sigma(self, t, x):
         """α_t = sqrt(alphas_cumprod[t]) and σ_t = sqrt(1 - alphas_cumprod[t]), each [b, 1, ..., 1]."""
-        return self._at(self.sqrt_alphas_cumprod, t, x), self._at(self.sqrt_one_minus_alphas_cumprod, t, x)
+        return _column(self.sqrt_alphas_cumprod[t], x), _column(self.sqrt_one_minus_alphas_cumprod[t], x)
 
     def q_sample(self, x0, t, noise):
         """x_t = α_t x0 + σ_t eps (Ho et al. 2020, Eq. 4)."""
         alpha, sigma = self._alpha_sigma(t, x0)
         return alpha * x0 + sigma * noise
 
-    def x0_from_eps(self, xt, t, eps):
-        """Invert q_sample for x0."""
-        alpha, sigma = self._alpha_sigma(t, xt)
-        return (xt - sigma * eps) / alpha
-
-    def eps_from_x0(self, xt, t, x0):
-        """Invert q_sample for eps."""
-        alpha, sigma = self._alpha_sigma(t, xt)
-        return (xt - alpha * x0) / sigma
-
-    def v_from(self, x0, eps, t):
-        """v = α_t eps - σ_t x0 (Salimans & Ho 2022, §4 and App. D)."""
-        alpha, sigma = self._alpha_sigma(t, x0)
-        return alpha * eps - sigma * x0
-
-    def x0_from_v(self, xt, t, v):
-        """x0 = α_t x_t - σ_t v (Salimans & Ho 2022, App. D)."""
-        alpha, sigma = self._alpha_sigma(t, xt)
-        return alpha * xt - sigma * v
-
-    def eps_from_v(self, xt, t, v):
-        """eps = σ_t x_t + α_t v (Salimans & Ho 2022, App. D)."""
-        alpha, sigma = self._alpha_sigma(t, xt)
-        return sigma * xt + alpha * v
-
     def x0_eps_from_output(self, output, xt, t, target):
-        """(x0, eps) implied by a model output that predicts `target`."""
+        """(x0, eps) implied by a model output that predicts `target`: q_sample inverted, and for v
+        x0 = α_t x_t - σ_t v, eps = σ_t x_t + α_t v (Salimans & Ho 2022, App. D)."""
         _check_target(target)
+        alpha, sigma = self._alpha_sigma(t, xt)
         if target == "eps":
-            return self.x0_from_eps(xt, t, output), output
+            return (xt - sigma * output) / alpha, output
         if target == "x0":
-            return output, self.eps_from_x0(xt, t, output)
-        return self.x0_from_v(xt, t, output), self.eps_from_v(xt, t, output)
+            return output, (xt - alpha * output) / sigma
+        return alpha * xt - sigma * output, sigma * xt + alpha * output
 
     def training_target(self, x0, eps, t, target):
-        """What a model predicting `target` should output for x_t = q_sample(x0, t, eps)."""
+        """What a model predicting `target` should output for x_t = q_sample(x0, t, eps); v = α_t eps - σ_t x0
+        (Salimans & Ho 2022, §4)."""
         _check_target(target)
         if target == "v":
-            return self.v_from(x0, eps, t)
+            alpha, sigma = self._alpha_sigma(t, x0)
+            return alpha * eps - sigma * x0
         return eps if target == "eps" else x0
 
     def posterior(self, x0, xt, t):
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x0) (Ho et al. 2020, Eq. 6-7)."""
-        mean = self._at(self.posterior_mean_coef1, t, xt) * x0 + self._at(self.posterior_mean_coef2, t, xt) * xt
-        return mean, self._at(self.posterior_variance, t, xt), self._at(self.posterior_log_variance_clipped, t, xt)
+        mean = _column(self.posterior_mean_coef1[t], xt) * x0 + _column(self.posterior_mean_coef2[t], xt) * xt
+        return mean, _column(self.posterior_variance[t], xt), _column(self.posterior_log_variance_clipped[t], xt)
 
     def snr(self, t):
         """Signal-to-noise ratio alphas_cumprod / (1 - alphas_cumprod) at times t, [b]."""
@@ -276,7 +250,7 @@ class EDM(torch.nn.Module):
 
 
 def karras_sigmas(steps, sigma_min, sigma_max, rho):
-    """`steps` levels σ_max -> σ_min evenly spaced in σ^(1/ρ) (Karras et al. 2022, Eq. 5); one step is σ_max alone."""
+    """`steps` levels σ_max -> σ_min evenly spaced in σ^(1/ρ) (Karras et al. 2022, Eq. 5); one step: σ_max."""
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64)  # [steps]
@@ -395,7 +369,7 @@ def sample_ddpm(denoise, x, diffusion, steps, *, target, threshold=dynamic_thres
 
 def sample_ddim(denoise, x, diffusion, steps, *, target, threshold=dynamic_threshold, generator=None, edit=None,
                 eta=0.0):
-    """DDIM, deterministic at eta = 0 (Song et al. 2021, Eq. 12 and 16); on EDM it is Euler (Karras et al. 2022, §3)."""
+    """DDIM, deterministic at eta = 0 (Song et al. 2021, Eq. 12 and 16); on EDM, Euler (Karras et al. 2022, §3)."""
     times = diffusion.sampling_times(steps)
     alpha, sigma = diffusion.alphas_sigmas(times)
 

@@ -80,11 +80,11 @@ def test_conversions_round_trip(schedule, T, shape, seed):
     alpha, sigma = column(diffusion.sqrt_alphas_cumprod[t], xt), column(diffusion.sqrt_one_minus_alphas_cumprod[t], xt)
     magnitude = 1 + xt.abs() + x0.abs() + eps.abs()
     tolerance = 1e-5 * magnitude * (1 / alpha + 1 / sigma)  # float32 error scaled by the conditioning
-    assert_within(diffusion.x0_from_eps(xt, t, eps), x0, tolerance)
-    assert_within(diffusion.eps_from_x0(xt, t, x0), eps, tolerance)
-    v = diffusion.v_from(x0, eps, t)
-    assert_within(diffusion.x0_from_v(xt, t, v), x0, 1e-5 * magnitude)  # well conditioned: α² + σ² = 1
-    assert_within(diffusion.eps_from_v(xt, t, v), eps, 1e-5 * magnitude)
+    assert_within(diffusion.x0_eps_from_output(eps, xt, t, "eps")[0], x0, tolerance)
+    assert_within(diffusion.x0_eps_from_output(x0, xt, t, "x0")[1], eps, tolerance)
+    x0_from_v, eps_from_v = diffusion.x0_eps_from_output(diffusion.training_target(x0, eps, t, "v"), xt, t, "v")
+    assert_within(x0_from_v, x0, 1e-5 * magnitude)  # well conditioned: α² + σ² = 1
+    assert_within(eps_from_v, eps, 1e-5 * magnitude)
     for target in TARGETS:
         output = diffusion.training_target(x0, eps, t, target)
         x0_back, eps_back = diffusion.x0_eps_from_output(output, xt, t, target)
@@ -103,7 +103,7 @@ def test_posterior_is_the_product_of_the_two_gaussians(schedule, T, shape, seed)
     for i, ti in enumerate(t.tolist()):
         if ti == 0:  # q(x_{-1} | x0) is the data itself
             expected_mean, expected_var = x0[i].double(), 0.0
-        else:  # N(x_t; sqrt(1 - β) x_{t-1}, β) · N(x_{t-1}; sqrt(ᾱ_{t-1}) x0, 1 - ᾱ_{t-1}), completing the square
+        else:  # N(x_t; sqrt(1 - β) x_{t-1}, β) · N(x_{t-1}; sqrt(ᾱ_{t-1}) x0, 1 - ᾱ_{t-1}), square completed
             beta, alpha_cumprod_prev = betas[ti], alphas_cumprod[ti - 1]
             expected_var = 1 / ((1 - beta) / beta + 1 / (1 - alpha_cumprod_prev))
             expected_mean = expected_var * ((1 - beta).sqrt() / beta * xt[i].double()
