@@ -397,18 +397,17 @@ class ImageFolder(Dataset):
         return [caption for _, caption in self.rows]
 
 
-def _expand_braces(pattern):
-    """'d/{00000..00002}.tar' -> ['d/00000.tar', 'd/00001.tar', 'd/00002.tar'] (one brace range, padding kept)."""
-    match = re.fullmatch(r"(.*)\{(\d+)\.\.(\d+)\}(.*)", pattern)
-    if not match:
-        return [pattern]
-    head, first, last, tail = match.groups()
-    return [f"{head}{i:0{len(first)}d}{tail}" for i in range(int(first), int(last) + 1)]
-
-
 def _shard_paths(spec):
-    """The .tar files of a directory or of a brace pattern; ValueError if none exist or one is missing."""
-    paths = sorted(Path(spec).glob("*.tar")) if Path(spec).is_dir() else [Path(p) for p in _expand_braces(str(spec))]
+    """The .tar files of a directory or of a pattern with one brace range, its padding kept ('d/{00000..00002}.tar'
+    -> d/00000.tar, d/00001.tar, d/00002.tar); ValueError if none exist or one is missing."""
+    braces = re.fullmatch(r"(.*)\{(\d+)\.\.(\d+)\}(.*)", str(spec))
+    if Path(spec).is_dir():
+        paths = sorted(Path(spec).glob("*.tar"))
+    elif braces:
+        head, first, last, tail = braces.groups()
+        paths = [Path(f"{head}{i:0{len(first)}d}{tail}") for i in range(int(first), int(last) + 1)]
+    else:
+        paths = [Path(spec)]
     missing = [str(p) for p in paths if not p.is_file()]
     if not paths or missing:
         raise ValueError(f"shards {str(spec)!r}: {'missing ' + missing[0] if missing else 'no .tar files'}; "
@@ -435,33 +434,24 @@ def _scan_shard(path):
     whose image lies wholly inside the file.
     """
     end = path.stat().st_size
-    members = {}  # (folder, key) -> {extension: (offset, size) or caption bytes}
+    members = {}  # (folder, key) -> {extension: (offset, size), or the bytes of a .txt or .json caption}
     with tarfile.open(path, "r:") as tar, open(path, "rb") as raw:
         try:
             for member in tar:
                 folder, _, base = member.name.rpartition("/")
                 key, _, extension = base.partition(".")
                 if member.isfile() and member.offset_data + member.size <= end:
-                    members.setdefault((folder, key), {})[extension.lower()] = _payload(raw, member)
+                    payload = member.offset_data, member.size
+                    if member.name.lower().endswith((".txt", ".json")):
+                        raw.seek(member.offset_data)
+                        payload = raw.read(member.size)
+                    members.setdefault((folder, key), {})[extension.lower()] = payload
+            raw.seek(tar.offset)
+            truncated = tar.offset > end or raw.read().strip(b"\0") != b""  # no clean end of archive
         except tarfile.ReadError:  # a corrupt header after the first: keep what came before
-            return _samples(members), True
-        raw.seek(tar.offset)
-        truncated = tar.offset > end or raw.read().strip(b"\0") != b""  # no clean end of archive
-    return _samples(members), truncated
-
-
-def _payload(raw, member):
-    """A member's caption bytes (txt, json), or its (offset, size) in the shard (images and everything else)."""
-    if member.name.lower().endswith((".txt", ".json")):
-        raw.seek(member.offset_data)
-        return raw.read(member.size)
-    return member.offset_data, member.size
-
-
-def _samples(members):
-    """[image extension | None, offset, size, caption] per sample from {key: {extension: payload}}."""
+            truncated = True
     return [[*next(((e, *payloads[e]) for e in IMAGE_EXTENSIONS if e in payloads), (None, 0, 0)),
-             _caption_of(payloads)] for payloads in members.values()]
+             _caption_of(payloads)] for payloads in members.values()], truncated
 
 
 def _shard_index(path):
@@ -517,21 +507,21 @@ class Shards(Dataset):
 
 class EpochSampler(torch.utils.data.Sampler):
     """Endless dataset indices for one DDP rank from global sample `start`: epoch e is a permutation seeded by
-    (seed, e) when shuffling, and rank r takes global samples r, r + world, ... So every rank gets the same number
-    of samples per step, and a resumed run reads exactly the samples it would have read."""
+    (seed, e), and rank r takes global samples r, r + world, ... So every rank gets the same number of samples per
+    step, and a resumed run reads exactly the samples it would have read."""
 
-    def __init__(self, n, seed, start=0, rank=0, world_size=1, shuffle=True):
+    def __init__(self, n, seed, start=0, rank=0, world_size=1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..world_size-1 = 0..{world_size - 1}")
-        self.n, self.seed, self.start, self.rank, self.world, self.shuffle = n, seed, start, rank, world_size, shuffle
+        self.n, self.seed, self.start, self.rank, self.world = n, seed, start, rank, world_size
 
     def __iter__(self):
         g, epoch, perm = self.start + self.rank, None, None
         while True:
             e, i = divmod(g, self.n)
-            if self.shuffle and e != epoch:
+            if e != epoch:
                 epoch, perm = e, torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + e))
-            yield int(perm[i]) if self.shuffle else i
+            yield int(perm[i])
             g += self.world
 
 
@@ -608,14 +598,3 @@ def fsync(path):
     finally:
         os.close(fd)
 
-
-if __name__ == "__main__":
-    import time
-    torch.set_num_threads(1)
-    dataset, n = Shapes(64), 5000
-    start = time.perf_counter()
-    for i in range(n):
-        dataset[i]
-    print(f"shapes render: {n / (time.perf_counter() - start):.0f} images/s at 64 px on one core")
-    judged = [judge(*Shapes(64, seed=1)[i]) for i in range(1000)]
-    print(f"judge: {np.mean([all(v is not False for v in j.values()) for j in judged]):.1%} right on 1000 renders")
