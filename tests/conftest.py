@@ -1,10 +1,14 @@
 """Shared test setup: Hypothesis profiles and settings, the session's text cache and trained cascade, tiny random
-cascades, random tensors and the checks the test files share."""
+cascades, random tensors, image folders and shards, and the checks the test files share."""
+import io
+import json
 import os
+import tarfile
 
 import pytest
 import torch
 from hypothesis import settings, strategies as st
+from PIL import Image
 
 import imagen
 import registry
@@ -82,3 +86,37 @@ def cascade():
 def text(b):
     """Random text embeddings [b, 5, TEXT_DIM] and an all-True mask [b, 5]."""
     return torch.randn(b, 5, TEXT_DIM), torch.ones(b, 5, dtype=torch.bool)
+
+
+def image_bytes(color=(200, 30, 30), size=(40, 30), fmt="JPEG", mode="RGB"):
+    """An encoded image file of one colour."""
+    buffer = io.BytesIO()
+    Image.new(mode, size, color).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def captioned_pictures(folder, captions):
+    """A folder of one coloured PNG per caption; a count n stands for the captions 'picture 0' ... 'picture n-1'."""
+    folder.mkdir()
+    for i, caption in enumerate([f"picture {i}" for i in range(captions)] if isinstance(captions, int) else captions):
+        Image.new("RGB", (40, 40), (20 * i % 256, 80, 120)).save(folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text(caption)
+    return folder
+
+
+def write_shards(root, sizes, caption_in="txt"):
+    """img2dataset-style tar shards of the given sample counts: coloured JPEGs captioned 'sample <k>' in key.txt
+    (beside an empty key.json) or in key.json; returns the captions."""
+    root.mkdir(exist_ok=True)
+    k = 0
+    for shard, n in enumerate(sizes):
+        with tarfile.open(root / f"{shard:05d}.tar", "w") as tar:
+            for k in range(k, k + n):
+                text = {"txt": f"sample {k}".encode(), "json": json.dumps({"caption": f"sample {k}"}).encode()}
+                members = [("jpg", image_bytes((20 * k % 256, 80, 120))), (caption_in, text[caption_in])]
+                for ext, payload in members + ([("json", b"{}")] if caption_in == "txt" else []):
+                    info = tarfile.TarInfo(f"{k:09d}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+            k += 1
+    return [f"sample {k}" for k in range(sum(sizes))]

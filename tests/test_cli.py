@@ -1,5 +1,4 @@
 """End-to-end tests through the real command lines: train.py, sample.py, eval.py (tiny presets, CPU)."""
-import io
 import json
 import math
 import os
@@ -8,7 +7,6 @@ import re
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 
 import numpy as np
@@ -22,6 +20,7 @@ import eval as eval_module
 import imagen
 import registry
 import train as train_module
+from conftest import captioned_pictures, write_shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--unets", "base-test,super-test", "--sizes", "16,32", "--batch-size", "4", "--workers", "0",
@@ -379,27 +378,11 @@ def test_torchrun_ranks_skip_a_non_finite_step_together_and_end_with_identical_w
             assert torch.equal(rank0[name], rank1[name]), (step, name)
 
 
-def write_picture_shards(root, sizes):
-    """Tar shards of coloured PNGs captioned 'picture <k>', of the given (unequal) sample counts."""
-    root.mkdir()
-    k = 0
-    for shard, n in enumerate(sizes):
-        with tarfile.open(root / f"{shard:05d}.tar", "w") as tar:
-            for k in range(k, k + n):
-                png = io.BytesIO()
-                Image.new("RGB", (40, 40), (20 * k % 256, 80, 120)).save(png, "PNG")
-                for name, payload in ((f"{k:05d}.png", png.getvalue()), (f"{k:05d}.txt", f"picture {k}".encode())):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(payload)
-                    tar.addfile(info, io.BytesIO(payload))
-            k += 1
-    return root
-
-
 def test_shards_resume_after_sigkill_with_the_same_samples_and_weights(tmp_path, cache_dir):
-    shards = write_picture_shards(tmp_path / "shards", [5, 2, 6])  # 13 samples: 8 steps of 4 cross two epochs
+    shards = tmp_path / "shards"
+    write_shards(shards, [5, 2, 6])  # 13 samples: 8 steps of 4 cross two epochs
     flags = ["--data", str(shards), "--steps", "8", "--only-unet", "0", "--log-every", "1", "--save-every", "2",
-             "--threads", "1"]  # one thread count: bit-identical weights (see test_resume_after_sigkill_mid_stage_is_exact)
+             "--threads", "1"]  # one thread count: bit-identical weights (test_resume_after_sigkill_mid_stage_is_exact)
     train(tmp_path / "straight", cache_dir, *flags)
     killed = tmp_path / "killed"
     proc = start_train(killed, cache_dir, *flags)
@@ -420,7 +403,8 @@ def test_shards_resume_after_sigkill_with_the_same_samples_and_weights(tmp_path,
 
 
 def test_cache_files_do_not_grow_with_training_steps(tmp_path):
-    shards, cache = write_picture_shards(tmp_path / "shards", [7, 6]), tmp_path / "cache"
+    shards, cache = tmp_path / "shards", tmp_path / "cache"
+    write_shards(shards, [7, 6])
     flags = ["--data", str(shards), "--only-unet", "0", "--cache-dir", str(cache)]
     counts = []
     for steps in (2, 10):
@@ -438,15 +422,6 @@ def test_data_without_a_usable_sample_stops_with_one_line(tmp_path, cache_dir):
     proc = train(tmp_path / "out", cache_dir, "--data", str(folder), "--steps", "3", check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert re.search(r"error: .*(held-out samples .* is usable|samples in a row .* were unusable)", proc.stderr)
-
-
-def captioned_pictures(folder, n):
-    """n coloured PNGs captioned 'picture <i>' in a folder."""
-    folder.mkdir()
-    for i in range(n):
-        Image.new("RGB", (40, 40), (20 * i % 256, 80, 120)).save(folder / f"{i:03d}.png")
-        (folder / f"{i:03d}.txt").write_text(f"picture {i}")
-    return folder
 
 
 def test_held_out_samples_never_reach_the_training_loader(tmp_path):

@@ -13,6 +13,7 @@ from hypothesis import given, settings, strategies as st
 from PIL import Image, ImageFilter
 
 import data
+from conftest import image_bytes, write_shards
 
 # The grammar exactly as the issue states it (independent of data.py's own regexes).
 COLOR = "(red|green|blue|yellow|purple|orange)"
@@ -199,12 +200,6 @@ def test_judge_on_a_blank_image_finds_nothing():
 
 # ---------------------------------------------------------------- folders, manifests, shards
 
-def image_bytes(color=(200, 30, 30), size=(40, 30), fmt="JPEG", mode="RGB"):
-    buffer = io.BytesIO()
-    Image.new(mode, size, color).save(buffer, fmt)
-    return buffer.getvalue()
-
-
 def write_bad_samples(write):
     """Writes 6 samples via write(name, ext, bytes): RGB, RGBA and palette images; corrupt, truncated, captionless."""
     good = image_bytes()
@@ -308,24 +303,6 @@ def test_empty_or_missing_paths_raise_one_clear_error(tmp_path, make):
     for path in (tmp_path / "empty", tmp_path / "missing"):
         with pytest.raises(ValueError, match=re.escape(str(path))):
             make(path)
-
-
-def write_shards(root, sizes, caption_in="txt"):
-    """img2dataset-style tar shards of the given sample counts, captioned 'sample <i>' in key.txt (or key.json);
-    returns the captions."""
-    root.mkdir(exist_ok=True)
-    k = 0
-    for shard, n in enumerate(sizes):
-        with tarfile.open(root / f"{shard:05d}.tar", "w") as tar:
-            for k in range(k, k + n):
-                text = {"txt": f"sample {k}".encode(), "json": json.dumps({"caption": f"sample {k}"}).encode()}
-                members = [("jpg", image_bytes()), (caption_in, text[caption_in])]
-                for ext, payload in members + ([("json", b"{}")] if caption_in == "txt" else []):
-                    info = tarfile.TarInfo(f"{k:09d}.{ext}")
-                    info.size = len(payload)
-                    tar.addfile(info, io.BytesIO(payload))
-            k += 1
-    return [f"sample {k}" for k in range(sum(sizes))]
 
 
 def test_shards_read_samples_in_place_and_skip_bad_ones(tmp_path):

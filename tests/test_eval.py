@@ -7,8 +7,8 @@ from hypothesis import given, strategies as st
 from PIL import Image
 
 import eval as eval_module
-from conftest import FEW, seeds
-from test_cli import captioned_pictures, run, train
+from conftest import FEW, captioned_pictures, seeds
+from test_cli import run, train
 
 
 @FEW

