@@ -63,8 +63,12 @@ class TextEncoder:
         self._warned_truncation = False
 
     def __call__(self, captions):
-        """Embed captions; padded positions are zeroed and False in the mask."""
-        self._warn_once_if_truncated(captions)
+        """Embed captions; padded positions are zeroed and False in the mask. Warns the first time a caption has
+        more than max_length tokens."""
+        if not self._warned_truncation and any(
+                len(ids) > self.max_length for ids in self.tokenizer(list(captions)).input_ids):
+            warnings.warn(f"text encoder {self.name}: captions longer than {self.max_length} tokens are truncated")
+            self._warned_truncation = True
         tokens = self.tokenizer(list(captions), padding="longest", truncation=True, max_length=self.max_length,
                                 return_tensors="pt").to(self.model.device)
         with torch.no_grad():  # no_grad, not inference_mode: the U-Net's backward must be able to save these
@@ -74,13 +78,6 @@ class TextEncoder:
         # encode the longest caption's n tokens, return max_length as the cache does: one shape for the U-Net
         pad = self.max_length - mask.shape[1]
         return F.pad(emb, (0, 0, 0, pad)), F.pad(mask, (0, pad))  # [b, max_length, d], [b, max_length]
-
-    def _warn_once_if_truncated(self, captions):
-        """Warn the first time a caption has more than max_length tokens."""
-        if not self._warned_truncation and any(
-                len(ids) > self.max_length for ids in self.tokenizer(list(captions)).input_ids):
-            warnings.warn(f"text encoder {self.name}: captions longer than {self.max_length} tokens are truncated")
-            self._warned_truncation = True
 
 
 def load_encoder(spec, max_length=32, device="cpu", dtype="fp32"):
@@ -131,13 +128,20 @@ class EmbeddingCache:
         self.spec, self.max_length, self.device, self.dtype = spec, max_length, device, dtype
         self.dim = encoder_dim(spec)
         self._encoder, self._shards, self._rows = None, set(), {}  # _rows: caption -> (stem, offset, length)
-        self._mapped = functools.lru_cache(MAX_OPEN_SHARDS)(self._map)
-        self._remove_stale_temp_files()
+        self._mapped = functools.lru_cache(MAX_OPEN_SHARDS)(  # a shard's rows, memory-mapped: fp16 [tokens, d]
+            lambda stem: np.load(self.dir / f"{stem}.npy", mmap_mode="r"))
+        for tmp in self.dir.glob("*.tmp"):  # left by writers killed mid-write, once untouched for STALE_SECONDS
+            with contextlib.suppress(OSError):
+                if time.time() - tmp.stat().st_mtime > STALE_SECONDS:
+                    tmp.unlink()
         self._scan()
 
     def __call__(self, captions):
         """(emb [b, max_length, d] float32, mask [b, max_length] bool) of captions, encoding only unseen ones."""
-        missing = self._missing(captions)
+        missing = [c for c in dict.fromkeys(captions) if c not in self._rows]
+        if missing:  # other processes may have written them since
+            self._scan()
+            missing = [c for c in missing if c not in self._rows]
         if missing:
             self._add(missing, batch_size=len(missing))
         emb = np.zeros((len(captions), self.max_length, self.dim), np.float32)
@@ -158,13 +162,6 @@ class EmbeddingCache:
                 self._add(chunk, batch_size, bar)
         return sum(map(len, mine))
 
-    def _missing(self, captions):
-        """Distinct captions in no shard, after re-scanning for other processes' shards if any looked missing."""
-        missing = [c for c in dict.fromkeys(captions) if c not in self._rows]
-        if missing:
-            self._scan()
-        return [c for c in missing if c not in self._rows]
-
     def _scan(self):
         """Index the captions of every complete shard not read yet."""
         for index in self.dir.glob("*.json"):
@@ -184,17 +181,6 @@ class EmbeddingCache:
         for caption, (offset, length) in index.items():
             self._rows[caption] = stem, offset, length
         self._shards.add(stem)
-
-    def _map(self, stem):
-        """One shard's rows, memory-mapped: fp16 [tokens, d]."""
-        return np.load(self.dir / f"{stem}.npy", mmap_mode="r")
-
-    def _remove_stale_temp_files(self):
-        """Delete temporary files that writers killed mid-write left behind (untouched for STALE_SECONDS)."""
-        for tmp in self.dir.glob("*.tmp"):
-            with contextlib.suppress(OSError):
-                if time.time() - tmp.stat().st_mtime > STALE_SECONDS:
-                    tmp.unlink()
 
     def _add(self, captions, batch_size, bar=None):
         """Encode captions (loading the encoder on first use) and write them as a new shard."""
