@@ -370,10 +370,3 @@ class Unet(nn.Module):
         if lowres_img is not None and lowres_img.shape != x.shape:
             raise ValueError(f"lowres_img shape {tuple(lowres_img.shape)} differs from the image's "
                              f"{tuple(x.shape)}; resize it to the image size first")
-
-
-def parameter_table(presets, text_embed_dim=512):
-    """[(name, parameter count)] for {name: preset kwargs}, built on the meta device (no memory, no init time)."""
-    with torch.device("meta"):
-        return [(name, sum(p.numel() for p in Unet(**kwargs, text_embed_dim=text_embed_dim).parameters()))
-                for name, kwargs in presets.items()]
