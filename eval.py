@@ -63,14 +63,6 @@ def word_order_gaps(stage, cache, seed, device):
     return dict(order=round(swapped / true - 1, 4), axis=round(turned / true - 1, 4))
 
 
-def heldout_losses(cascade, stop_at, cache, images, captions, device):
-    """Each stage's loss at fixed noise on held-out uint8 images [n, 3, s, s] and their captions."""
-    emb, mask = (x.to(device) for x in cache(captions))
-    x = data.to_signed(images.to(device))  # [n, 3, s, s]
-    return [round(imagen.fixed_noise_loss(stage, imagen.resize(x, stage.size), emb, mask, data.HOLDOUT_SEED), 5)
-            for stage in cascade.stages[:stop_at]]
-
-
 def plot_losses(log_path, png_path, width=640, panel=220, pad=44):
     """Plot each stage's held-out loss in a training log.jsonl against its step (log scale), one panel a stage."""
     curves = {}
@@ -169,7 +161,9 @@ def eval_data(cascade, stop_at, cache, sample, *, data_spec, n, n_trained, folde
                          "--data, which judges the shapes")
     train_set, heldout_set = data.holdout_split(dataset, cascade.config.get("holdout", 0.02), size)
     images, captions = data.first_usable(heldout_set, n)
-    losses = heldout_losses(cascade, stop_at, cache, images, captions, device)
+    emb, mask = (x.to(device) for x in cache(captions))
+    losses = [round(imagen.fixed_noise_loss(stage, images.to(device), emb, mask), 5)
+              for stage in cascade.stages[:stop_at]]
     pictures, rows = retrieval_pictures(dataset)  # [m, 3, side, side]
     chosen = dict(trained=fixed_choice([i for i in train_set.indices if i in rows], n_trained),
                   heldout=[i for i in heldout_set.indices if i in rows])

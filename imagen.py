@@ -53,18 +53,13 @@ def random_crops(tensors, side):
     return [t.permute(0, 2, 3, 1)[index].permute(0, 3, 1, 2) for t in tensors]  # [b, c, side, side] each
 
 
-def stage_config(stage):
-    """A stage's settings with the defaults filled in."""
-    return {**STAGE_DEFAULTS, **stage}
-
-
 class Stage(nn.Module):
     """One U-Net of the cascade with its diffusion; calling it returns the training loss."""
 
     def __init__(self, unet_kwargs, size, text_embed_dim, lowres_size=None, **settings):
         super().__init__()
         self.size, self.lowres_size = size, lowres_size
-        self.settings = stage_config(settings)
+        self.settings = {**STAGE_DEFAULTS, **settings}
         self.unet = Unet(**unet_kwargs, text_embed_dim=text_embed_dim, lowres_cond=lowres_size is not None)
         self.family = registry.FAMILIES[self.settings["family"]]
         self.diffusion = self.family["make"](self.settings)
@@ -139,12 +134,15 @@ class Stage(nn.Module):
                                           threshold=threshold, generator=generator, edit=edit)
 
 
-def fixed_noise_loss(stage, images, text_embeds, text_mask, seed):
-    """A stage's training loss with every random draw (timesteps, noise, low-res augmentation, text drops) taken
-    from one fixed seed: it changes only when the weights do, so checkpoints can be compared on held-out images."""
+def fixed_noise_loss(stage, images, text_embeds, text_mask):
+    """A stage's training loss on uint8 images [b, 3, s, s] at its size, with every random draw (timesteps, noise,
+    low-res augmentation, text drops) taken from one fixed seed: it changes only when the weights do, so checkpoints
+    can be compared on held-out images (train.py logs it, eval.py --data prints it)."""
+    # contiguous, not channels_last: randn_like fills memory order, and every caller's draws must be the same noise
+    images = resize(data.to_signed(images), stage.size)  # [b, 3, size, size]
     devices = [images.device] if images.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():
-        torch.manual_seed(seed)
+        torch.manual_seed(data.HOLDOUT_SEED)
         return stage(images, text_embeds, text_mask).item()
 
 
@@ -263,28 +261,24 @@ def checkpoint_path(out_dir, k):
     return os.path.join(out_dir, f"unet{k}.pt")
 
 
-def older_checkpoint_path(path, step):
-    """unet0.pt of step 500 -> unet0-step000500.pt: an older checkpoint kept by `--keep` (not found as a stage)."""
-    stem, ext = os.path.splitext(path)
-    return f"{stem}-step{step:06d}{ext}"
-
-
 def save_checkpoint(state, path, keep=0):
     """Write atomically; the previous checkpoint stays until the new one is complete and loadable.
 
-    With keep > 0 the previous checkpoint also stays on as unetK-stepNNNNNN.pt, the newest `keep` of them.
+    With keep > 0 the previous checkpoint also stays on as unetK-stepNNNNNN.pt (not found as a stage), the newest
+    `keep` of them.
     """
     def write_and_verify(tmp):
         torch.save(state, tmp)
         load_checkpoint(tmp, mmap=True)  # reads the archive's index: a short or corrupt write fails here
 
     if keep and os.path.exists(path):
-        older = older_checkpoint_path(path, load_checkpoint(path, mmap=True)["step"])
+        stem, ext = os.path.splitext(path)
+        older = f"{stem}-step{load_checkpoint(path, mmap=True)['step']:06d}{ext}"
         if not os.path.exists(older):
             os.link(path, older)  # the same bytes under a second name: no copy
     data.write_atomically(path, write_and_verify)
-    if keep:
-        remove_older_checkpoints(path, keep)
+    for older in older_checkpoints(path)[:-keep] if keep else []:
+        os.remove(older)
 
 
 def older_checkpoints(path):
@@ -293,11 +287,6 @@ def older_checkpoints(path):
     pattern = re.compile(rf"{re.escape(stem)}-step(\d+)\.pt")
     steps = {int(m.group(1)): f for f in os.listdir(folder) if (m := pattern.fullmatch(f))}
     return [os.path.join(folder, steps[s]) for s in sorted(steps)]
-
-
-def remove_older_checkpoints(path, keep):
-    for older in older_checkpoints(path)[:-keep]:
-        os.remove(older)
 
 
 def load_checkpoint(path, device="cpu", mmap=False):

@@ -79,13 +79,13 @@ class Config:
 
 DEFAULTS = Config()
 PER_STAGE = dict(unets=str, sizes=int, steps=int, minutes=float, batch_size=int, precision=str, channels_last=int,
-                 checkpointing=int,
-                 family=str, target=str, schedule=str, timesteps=int, min_snr_gamma=float, crop=int,
+                 checkpointing=int, family=str, target=str, schedule=str, timesteps=int, min_snr_gamma=float, crop=int,
                  layout_phase=str, cond_scale=float, sample_steps=int)
 # Settings that a resume must share with the checkpoint: another value would change what the run means.
 SAME_ON_RESUME = ("data", "seed", "holdout", "hflip", "lr", "warmup", "lr_final", "grad_clip", "ema_decay",
                   "grad_accum", "batch_size", "precision", "layout_phase", "layout_level")
-LEAST = dict(grad_accum=1, log_every=1, save_every=0, sample_every=0, eval_every=0, keep=0, workers=0, warmup=0)
+LEAST = dict(steps=1, batch_size=1, timesteps=2, sample_steps=1, grad_accum=1, log_every=1, save_every=0,
+             sample_every=0, eval_every=0, keep=0, workers=0, warmup=0)
 CHANGED_FLAGS = {"minutes": "--minutes is now only a cap: the budget is --steps",
                  "layout_phase": "--layout-phase is now a fraction of --steps, with no forecast of machine speed"}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -169,13 +169,11 @@ def check(cfg):
         allowed = diffusion.EDM.TARGETS if family == "edm" else diffusion.TARGETS
         if target not in allowed:
             raise ValueError(f"--target {target!r} for U-Net {k} ({family}): choose from {', '.join(allowed)}")
-    for name in ("steps", "batch_size", "timesteps", "sample_steps"):
-        least = 2 if name == "timesteps" else 1
-        if min(getattr(cfg, name)) < least:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: every U-Net needs at least {least}")
     for name, least in LEAST.items():
-        if getattr(cfg, name) < least:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least {least}")
+        value = getattr(cfg, name)
+        if (min(value) if name in PER_STAGE else value) < least:
+            need = "every U-Net needs" if name in PER_STAGE else "must be"
+            raise ValueError(f"--{name.replace('_', '-')} {value}: {need} at least {least}")
     checks = [("minutes", min(cfg.minutes) >= 0, "a cap >= 0 per U-Net (0 = none)"),
               ("precision", set(cfg.precision) <= {"fp32", "bf16", "fp16"}, "fp32, bf16 or fp16 per U-Net"),
               ("channels_last", set(cfg.channels_last) <= {0, 1}, "1 (channels_last) or 0 per U-Net"),

@@ -101,8 +101,8 @@ def check_memory(cfg, config, k, device):
     free = available_memory(device)
     if need > free:
         raise ValueError(f"unet{k} ({cfg.unets[k]}) needs about {need / 2**30:.1f} GiB to train at --batch-size "
-                         f"{cfg.batch_size[k]}, and {device.type} has {free / 2**30:.1f} GiB free: use a GPU, a smaller "
-                         "preset or --batch-size, or --checkpointing 1")
+                         f"{cfg.batch_size[k]}, and {device.type} has {free / 2**30:.1f} GiB free: use a GPU, a "
+                         "smaller preset or --batch-size, or --checkpointing 1")
 
 
 def build_parts(cfg, cascade, k, device, world):
@@ -243,7 +243,7 @@ def train_stage(cfg, config, cascade, k, train_set, heldout, cache, log, dist_in
             log(dict(unet=k, step=step, event="grid", path=grid,
                      prompts=write_grid(cascade, parts, cache, grid, heldout, cfg.only_unet)))
         if cfg.eval_every and step % cfg.eval_every == 0 and rank == 0:
-            held = heldout_loss(parts, cfg.sizes[k], heldout, cache, device)
+            held = heldout_loss(parts, heldout, cache, device)
             shown["heldout"] = f"{held:.4f}"
             log(dict(unet=k, step=step, heldout_loss=held, minutes=round(state["elapsed"] / 60, 2)))
     bar.close()
@@ -253,7 +253,7 @@ def train_stage(cfg, config, cascade, k, train_set, heldout, cache, log, dist_in
         log(dict(unet=k, step=state["step"], event=f"stopped by {name}", minutes=round(state["elapsed"] / 60, 2)))
         end_run(rank, f"stopped by {name} at unet{k} step {state['step']}: saved {path}; re-run the same command "
                 "to resume", 128 + signum)
-    held = heldout_loss(parts, cfg.sizes[k], heldout, cache, device) if rank == 0 else None
+    held = heldout_loss(parts, heldout, cache, device) if rank == 0 else None
     log(dict(unet=k, step=state["step"], event="done", minutes=round(state["elapsed"] / 60, 2),
              skipped=state["skipped"], heldout_loss=held))
     if rank == 0:
@@ -333,13 +333,11 @@ def ema_unet(parts):
         parts.stage.unet = raw
 
 
-def heldout_loss(parts, size, heldout, cache, device):
-    """Stage loss of the EMA weights on the held-out images at `size`, at fixed noise (imagen.fixed_noise_loss)."""
+def heldout_loss(parts, heldout, cache, device):
+    """Stage loss of the EMA weights on the held-out samples at fixed noise (imagen.fixed_noise_loss)."""
     emb, mask = cache(heldout.captions)  # [n, max_len, d], [n, max_len]
-    images = imagen.resize(data.to_signed(heldout.images.to(device)), size)  # [n, 3, size, size]
     with ema_unet(parts), torch.autocast(**parts.autocast):
-        # contiguous, not channels_last: randn_like fills memory order, and eval.py's draws must be the same noise
-        return imagen.fixed_noise_loss(parts.stage, images, emb.to(device), mask.to(device), data.HOLDOUT_SEED)
+        return imagen.fixed_noise_loss(parts.stage, heldout.images.to(device), emb.to(device), mask.to(device))
 
 
 def write_grid(cascade, parts, cache, path, heldout, only_unet):
