@@ -5,6 +5,7 @@ whole). `Imagen` chains stages: a base model, then super-resolution models condi
 output (Imagen, arXiv 2205.11487 §2.4). Images are in [-1, 1] inside, [0, 1] at the edges.
 """
 import dataclasses
+import functools
 import json
 import os
 import pickle
@@ -208,7 +209,9 @@ class Imagen(nn.Module):
             raise ValueError(f"start_at={start_at} needs start_images exactly when it is above 0 (the low-res input)")
         opts = {**SAMPLING_DEFAULTS, **self.config.get("sampling", {}),
                 **{k: v for k, v in options.items() if v is not None}}
-        threshold = make_threshold(opts["threshold"], opts["threshold_p"])
+        threshold = registry.THRESHOLDS[opts["threshold"]]
+        if registry.THRESHOLDS.canonical(opts["threshold"]) == "dynamic":  # at its percentile (Imagen §2.3)
+            threshold = functools.partial(threshold, p=opts["threshold_p"])
         steps, scales, samplers = (registry.broadcast(opts[key], n, f"{key} (one per U-Net)")
                                    for key in ("steps", "cond_scale", "sampler"))
         for k in range(start_at, stop_at):
@@ -229,14 +232,6 @@ def stage_edit(edit, size, first):
     keep = None if edit.keep is None else resize(edit.keep, size)  # [b, 1, size, size]
     return dataclasses.replace(edit, image=resize(edit.image * 2 - 1, size), keep=keep,
                                strength=edit.strength if first else 1.0)
-
-
-def make_threshold(name, p):
-    """The x0 threshold function by name; `p` is the dynamic-thresholding percentile (Imagen §2.3)."""
-    fn = registry.THRESHOLDS[name]
-    if registry.THRESHOLDS.canonical(name) == "dynamic":
-        return lambda x0: fn(x0, p)
-    return fn
 
 
 def to_pil(image):

@@ -205,10 +205,6 @@ def read_prompts(prompts, prompts_file, n_per_prompt):
     return [q for q in prompts for _ in range(at_least_one(n_per_prompt, "--n-per-prompt"))]
 
 
-def slug(prompt):
-    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "prompt"
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_sampling_args(p)
@@ -220,13 +216,9 @@ def main(argv=None):
     p.add_argument("--export", default=None, metavar="FILE.safetensors", help="instead of sampling, write the "
                    "weights (EMA unless --no-ema) and config of every trained U-Net to FILE.safetensors")
     args = p.parse_args(argv)
-    if args.export:
-        try:
-            export(args)
-        except (ValueError, OSError) as e:
-            p.error(imagen.first_line(e))
-        return
     try:
+        if args.export:
+            return export(args)
         prompts = read_prompts(args.prompt, args.prompts, args.n_per_prompt)
         cascade, stop_at, cache, options = sampling_setup(args)
         start_at, start_images, edit = edit_from_args(args, stop_at)
@@ -236,7 +228,8 @@ def main(argv=None):
         p.error(imagen.first_line(e))
     os.makedirs(args.out, exist_ok=True)
     for i, (image, prompt) in enumerate(zip(images, prompts)):
-        path = os.path.join(args.out, f"{i:03d}-{slug(prompt)}.png")
+        slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "prompt"
+        path = os.path.join(args.out, f"{i:03d}-{slug}.png")
         imagen.to_pil(image).save(path)
         print(path)
     grid = os.path.join(args.out, "grid.png")
