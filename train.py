@@ -430,12 +430,6 @@ def end_run(rank, message, status):
     raise SystemExit(status)
 
 
-def json_line(record):
-    """A strict-JSON log line: non-finite numbers, which JSON has no literal for, become strings ("nan", "inf")."""
-    return json.dumps({key: str(v) if isinstance(v, float) and not math.isfinite(v) else v
-                       for key, v in record.items()}, allow_nan=False)
-
-
 def describe(cfg):
     """The run's first line: the recipe, stages, sizes and budget it took."""
     recipe = f"recipe {cfg.recipe}" if cfg.recipe else "no recipe (defaults for a real run)"
@@ -475,8 +469,10 @@ def train(cfg):
     log_file = open(os.path.join(cfg.out, "log.jsonl"), "a") if rank == 0 else None
 
     def log(record):
+        """One strict-JSON line: non-finite numbers, which JSON has no literal for, become strings ("nan", "inf")."""
         if log_file:
-            log_file.write(json_line(record) + "\n")
+            record = {key: str(v) if isinstance(v, float) and not math.isfinite(v) else v for key, v in record.items()}
+            log_file.write(json.dumps(record, allow_nan=False) + "\n")
             log_file.flush()
 
     todo = [cfg.only_unet] if cfg.only_unet >= 0 else range(len(cfg.unets))
