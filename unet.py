@@ -221,7 +221,6 @@ class Unet(nn.Module):
         cross = registry.broadcast(layer_cross_attns, levels, "layer_cross_attns (one per level)")
         self.channels, self.text_embed_dim, self.lowres_cond = channels, text_embed_dim, lowres_cond
         self.max_text_len, self.num_time_tokens, self.coord_channels = max_text_len, num_time_tokens, coord_channels
-        self.num_levels = levels
         self.size_multiple = size_multiple(dim_mults, memory_efficient)
         time_cond_dim = 4 * dim
 
@@ -237,7 +236,7 @@ class Unet(nn.Module):
         self.null_text_tokens = nn.Parameter(torch.randn(max_text_len, cond_dim))
         self.null_pooled_cond = nn.Parameter(torch.randn(time_cond_dim))
 
-        # body
+        # body: encoder levels, the bottleneck, decoder levels
         resnet = partial(ResnetBlock, time_cond_dim=time_cond_dim, heads=attn_heads, dim_head=attn_dim_head)
         transformer = partial(TransformerBlock, heads=attn_heads, dim_head=attn_dim_head)
         self.init_conv = CrossEmbed(channels * (2 if lowres_cond else 1) + (2 if coord_channels else 0), dim)
