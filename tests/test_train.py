@@ -126,6 +126,22 @@ def test_training_cost_grows_with_the_batch_and_checkpointing_keeps_less():
     assert one["bytes"] < four["bytes"] and saved["bytes"] < four["bytes"] and saved["flops"] > four["flops"]
 
 
+def test_the_gpu_recipe_builds_and_trains_a_few_steps_at_tiny_sizes(tmp_path, cache_dir):
+    from conftest import captioned_pictures
+    from test_cli import read_log, run
+    cfg = settings.parse_config(["--recipe", "real-gpu"])
+    assert cfg.sizes == (64, 256) and cfg.precision == ("bf16", "bf16") and cfg.crop == (0, 64)
+    config = settings.cascade_config(cfg, text_spec())
+    assert imagen.training_cost(config, 1, cfg.batch_size[1], checkpointing=True)["parameters"] > 100e6
+    folder, out = captioned_pictures(tmp_path / "pictures", 12), tmp_path / "out"
+    run("train.py", "--recipe", "real-gpu", "--unets", "base-test,super-test", "--sizes", "16,32", "--crop", "0,16",
+        "--batch-size", "2", "--steps", "2", "--workers", "0", "--holdout", "2", "--checkpointing", "1",
+        "--data", str(folder), "--out", str(out), "--cache-dir", cache_dir, "--sample-steps", "2")
+    done = [r for r in read_log(out) if r.get("event") == "done"]
+    assert [(r["unet"], r["step"]) for r in done] == [(0, 2), (1, 2)]
+    assert imagen.load_checkpoint(imagen.checkpoint_path(out, 1))["settings"]["precision"] == ("bf16", "bf16")
+
+
 def tiny_batch():
     """One micro-batch for stage 0 of the tiny cascade: images [4, 3, 16, 16], MiniLM-wide text, mask."""
     return torch.rand(4, 3, 16, 16) * 2 - 1, torch.randn(4, 5, 384), torch.ones(4, 5, dtype=torch.bool)
