@@ -87,12 +87,15 @@ class Parts(NamedTuple):
 
 def available_memory(device):
     """Bytes free for training: the GPU's free memory, or the RAM Linux says is available (and within the address-space
-    limit, where one is set)."""
+    limit, where one is set); unlimited where the system does not say (no /proc/meminfo: no check)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    meminfo = dict(line.split(":") for line in open("/proc/meminfo"))
     limit = resource.getrlimit(resource.RLIMIT_AS)[0]
-    return min(int(meminfo["MemAvailable"].split()[0]) * 1024, limit if limit > 0 else math.inf)
+    limit = limit if limit > 0 else math.inf
+    if not os.path.exists("/proc/meminfo"):
+        return limit
+    meminfo = dict(line.split(":") for line in open("/proc/meminfo"))
+    return min(int(meminfo["MemAvailable"].split()[0]) * 1024, limit)
 
 
 def check_memory(cfg, config, k, device):
