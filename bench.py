@@ -3,9 +3,8 @@
 train: images/s, peak memory and model FLOP utilisation of a training step per stage (fp32/bf16 x channels_last x
 compile; cached text vs minilm each step). presets: parameters, GFLOP per image and training memory of every U-Net
 preset. profile: the top operators of each stage's training step (torch.profiler). sample: seconds per image and eval
-scores per sampler, against ancestral DDPM over all T steps with two-pass guidance; batched vs two-pass guidance on
-the guided base stage. threads: seconds per training step at each CPU thread count and at train.py's --threads auto,
-on an idle machine and with one core kept busy. Speed is measured here, never in tests.
+scores per sampler, against ancestral DDPM over all T steps. threads: seconds per training step at each CPU thread
+count and at train.py's --threads auto, on an idle machine and with one core kept busy. Speed is measured here, never in tests.
 """
 import argparse
 import contextlib
@@ -21,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import data
@@ -31,7 +29,7 @@ import sample
 import text
 import train
 from settings import COMPILE_MODES, DEFAULTS, cascade_config, resolve
-from eval import EVAL_SEED, JUDGE_KEYS, score
+from eval import EVAL_SEED, score
 
 WARMUP = 2  # untimed steps first: allocator warm-up, and torch.compile's compilation
 PROFILE_TOP = 12  # operators listed per stage in the profile section
@@ -54,9 +52,8 @@ def parse_args(argv=None):
       help="train: also measure torch.compile in this mode (slow to compile on CPU)")
     a("--ckpt", default=DEFAULTS.out, help="sample: a trained cascade (a train.py --out folder)")
     a("--n-eval", type=int, default=96, help="sample: eval prompts per sampler at its default steps")
-    a("--ref-eval-n", type=int, default=24, help="sample: prompts for the slow all-T-steps two-pass reference")
+    a("--ref-eval-n", type=int, default=24, help="sample: prompts for the slow all-T-steps ddpm reference")
     a("--sample-batch-size", type=int, default=24, help="sample: images sampled at once, the same for every run")
-    a("--single-n", type=int, default=8, help="sample: prompts for batched vs two-pass guidance one image at a time")
     a("--thread-steps", type=int, default=30, help="threads: timed steps per row (auto's first rounds included)")
     a("--cache-dir", default=DEFAULTS.cache_dir, help="text-embedding cache folder (as train.py)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -217,85 +214,32 @@ def bench_profile(args):
             for row in rows]
 
 
-# ---- sample: every sampler at its default steps vs the all-T-steps two-pass reference ----
-
-class TwoPassGuidance(nn.Module):
-    """Classifier-free guidance as two separate U-Net passes (the reference; the cascade batches them)."""
-
-    def __init__(self, unet):
-        super().__init__()
-        self.unet, self.channels = unet, unet.channels
-
-    def forward_with_cond_scale(self, x, time, text_embeds, text_mask, *, cond_scale=1.0, **lowres):
-        """Unet.forward_with_cond_scale's output, from a conditional pass and a separate null pass."""
-        cond = self.unet(x, time, text_embeds, text_mask, **lowres)  # [b, c, h, w]
-        if cond_scale == 1:  # unguided: one pass, as in the batched U-Net and in imagen-pytorch
-            return cond
-        null = self.unet(x, time, text_embeds, text_mask, cond_drop_prob=1.0, **lowres)  # every text dropped
-        return null + (cond - null) * cond_scale  # Ho & Salimans 2022, eq. 6
-
-
-@contextlib.contextmanager
-def two_pass_guidance(cascade):
-    """Temporarily sample every stage of the cascade with TwoPassGuidance."""
-    unets = [stage.unet for stage in cascade.stages]
-    for stage in cascade.stages:
-        stage.unet = TwoPassGuidance(stage.unet)
-    try:
-        yield
-    finally:
-        for stage, unet in zip(cascade.stages, unets):
-            stage.unet = unet
-
-
-def paired_standard_error(images_a, images_b, prompts):
-    """Per judge key: the standard error of the mean per-prompt difference of verdicts, a minus b (the noise of a
-    score difference measured on these prompts)."""
-    verdicts = [[data.judge(img, prompt) for img, prompt in zip(images, prompts)] for images in (images_a, images_b)]
-    result = {}
-    for key in JUDGE_KEYS:
-        diffs = torch.tensor([float(a[key]) - float(b[key]) for a, b in zip(*verdicts) if b[key] is not None])
-        result[key] = round(float(diffs.std() / len(diffs) ** 0.5), 4) if len(diffs) > 1 else None
-    return result
-
+# ---- sample: every sampler at its default steps vs ancestral ddpm over all T steps ----
 
 def bench_sample(args):
-    """Rows, each with a role: every sampler on --n-eval prompts; the default vs two-pass guidance vs the all-T
-    reference on --ref-eval-n; and batched vs two-pass guidance on the base stage alone (the guided one), at
-    --sample-batch-size and one image at a time."""
+    """Rows: seconds per image and eval scores of every sampler at its default steps on --n-eval prompts, and of
+    the default sampler against ancestral ddpm over all T steps on --ref-eval-n prompts."""
     cascade, stop_at, cache = sample.load_for_sampling(args.ckpt, args.device, ema=True, stop_at_unet=None,
                                                        cache_dir=args.cache_dir)
     opts = {**imagen.SAMPLING_DEFAULTS, **cascade.config.get("sampling", {})}
     steps = registry.broadcast(opts["steps"], len(cascade.stages), "the checkpoint's sampling steps")
-    default = registry.SAMPLERS.canonical(opts["sampler"])
     # every row samples a prefix of the same eval prompts (shapes_captions is prefix-stable)
-    prompts = data.shapes_captions(max(args.n_eval, args.ref_eval_n, args.single_n), seed=EVAL_SEED)
+    prompts = data.shapes_captions(max(args.n_eval, args.ref_eval_n), seed=EVAL_SEED)
     cache(prompts)  # encode misses now: the timings are sampling alone
 
-    def run(role, n, guidance="batched", stages=stop_at, sampler=default, sampler_steps=steps,
-            batch_size=args.sample_batch_size):
-        """(images, row): seconds per image and eval scores of sample.generate through U-Nets [0, stages)."""
+    def run(role, n, sampler, sampler_steps=steps):
+        """A row: seconds per image and eval scores of sample.generate with this sampler."""
         options = dict(sampler=[sampler], steps=sampler_steps)
-        with two_pass_guidance(cascade) if guidance == "two-pass" else contextlib.nullcontext():
-            images, elapsed = timed(lambda: sample.generate(cascade, cache, prompts[:n], stages, options, seed=0,
-                                                            batch_size=batch_size, device=args.device),
-                                    torch.device(args.device))
-        return images, dict(role=role, stages=stages, sampler=sampler, steps=",".join(map(str, sampler_steps)),
-                            guidance=guidance, n=n, batch=batch_size, s_per_image=round(elapsed / n, 4),
-                            **score(images, prompts[:n]))
+        images, elapsed = timed(lambda: sample.generate(cascade, cache, prompts[:n], stop_at, options, seed=0,
+                                                        batch_size=args.sample_batch_size, device=args.device),
+                                torch.device(args.device))
+        return dict(role=role, sampler=sampler, steps=",".join(map(str, sampler_steps)), n=n,
+                    s_per_image=round(elapsed / n, 4), **score(images, prompts[:n]))
 
-    rows = [run("sampler", args.n_eval, sampler=name)[1] for name in cascade.samplers()]
-    batched, row_batched = run("default", args.ref_eval_n)
-    two_pass, row_two_pass = run("two-pass", args.ref_eval_n, "two-pass")
-    row_two_pass["max_abs_diff_vs_batched"] = float((two_pass - batched).abs().max())  # same computation, one pass
     all_t = [stage.diffusion.num_timesteps for stage in cascade.stages]
-    reference, row_reference = run("reference", args.ref_eval_n, "two-pass", sampler="ddpm", sampler_steps=all_t)
-    row_reference["se_of_default_minus_this"] = paired_standard_error(batched, reference, prompts[:args.ref_eval_n])
-    rows += [row_batched, row_two_pass, row_reference]
-    for batch, n in ((args.sample_batch_size, args.ref_eval_n), (1, args.single_n)):  # sample.py --prompt P: batch 1
-        rows += [run(f"base {guidance}", n, guidance, stages=1, batch_size=batch)[1]
-                 for guidance in ("batched", "two-pass")]
-    return rows
+    return ([run("sampler", args.n_eval, name) for name in cascade.samplers()] +
+            [run("default", args.ref_eval_n, registry.SAMPLERS.canonical(opts["sampler"])),
+             run("reference", args.ref_eval_n, "ddpm", all_t)])
 
 
 # ---- threads: train.py's ThreadTuner against fixed thread counts, idle and beside a busy core ----
@@ -331,37 +275,6 @@ def bench_threads(args):
 
 # ---- report ----
 
-def target(name, measured, minimum, unit="x"):
-    """One row of the targets table."""
-    return dict(target=name, measured=round(measured, 4), need=f">= {minimum}{unit}", met=measured >= minimum)
-
-
-def target_rows(results):
-    """The issue's targets, from ratios and scores measured in this run."""
-    rows = []
-    if "sample" in results:
-        def role(name, batch=None):
-            return next(r for r in results["sample"] if r["role"] == name and batch in (None, r["batch"]))
-        default, reference = role("default"), role("reference")
-        name = f"{default['sampler']} {default['steps']} steps vs all-T two-pass ddpm"
-        rows.append(target(f"{name}: speedup", reference["s_per_image"] / default["s_per_image"], 20))
-        change, key = min((default[k] - reference[k], k) for k in JUDGE_KEYS if reference[k] is not None)
-        rows.append(dict(target(f"{name}: worst eval score change ({key})", change, -0.03, ""),
-                         standard_error=reference["se_of_default_minus_this"][key]))
-        for batch in (default["batch"], 1):
-            rows.append(target(f"batched vs two-pass guidance, guided base stage, batch {batch}",
-                               role("base two-pass", batch)["s_per_image"] / role("base batched", batch)["s_per_image"],
-                               1.6))
-    for row in results.get("train", []):
-        if row.get("text") == "encoded":  # against the cached row of the same stage and settings (not torch.mm's)
-            cached = next(r for r in results["train"] if r.get("text") == "cached" and all(
-                r[key] == row[key] for key in ("stage", "precision", "channels_last", "compile")))
-            compiled = f", compile {row['compile']}" if row["compile"] else ""
-            rows.append(target(f"{row['stage']}{compiled}: cached text vs minilm each step",
-                               cached["images_per_s"] / row["images_per_s"], 1.3))
-    return rows
-
-
 def machine(args):
     """Where the numbers come from: CPU model, torch version, threads, device, and what peak memory means."""
     cuda, cpu = args.device.startswith("cuda"), platform.processor() or platform.machine()
@@ -388,7 +301,6 @@ def main(argv=None):
     results = dict(machine=machine(args))
     for name in args.sections.split(","):
         results[name] = SECTIONS[name](args)
-    results["targets"] = target_rows(results)
     for name, rows in results.items():
         if rows:
             print(f"## {name}\n\n{markdown(rows if isinstance(rows, list) else [rows])}\n")
