@@ -8,11 +8,14 @@ count and at train.py's --threads auto, on an idle machine and with one core kep
 """
 import argparse
 import contextlib
+import cProfile
+import dataclasses
 import itertools
 import json
 import multiprocessing
 import os
 import platform
+import pstats
 import subprocess
 import sys
 import tempfile
@@ -50,6 +53,8 @@ def parse_args(argv=None):
     a("--steps", type=int, default=5, help=f"train: timed steps per measurement (after {WARMUP} warm-up steps)")
     a("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
       help="train: also measure torch.compile in this mode (slow to compile on CPU)")
+    a("--data", default=None, help="loop: the run's data (default: the recipe's)")
+    a("--loop-steps", type=int, default=300, help="loop: training steps per stage in the profiled train.py run")
     a("--ckpt", default=DEFAULTS.out, help="sample: a trained cascade (a train.py --out folder)")
     a("--n-eval", type=int, default=96, help="sample: eval prompts per sampler at its default steps")
     a("--ref-eval-n", type=int, default=24, help="sample: prompts for the slow all-T-steps ddpm reference")
@@ -80,7 +85,7 @@ def timed(fn, device):
 def bench_config(args, **overrides):
     """train.Config of the benchmarked recipe with bench.py's flags and `overrides` (None: the recipe's value)."""
     given = dict(recipe=None if args.presets else args.recipe, unets=args.presets, sizes=args.sizes,
-                 batch_size=args.batch_size, cache_dir=args.cache_dir, out=tempfile.gettempdir(), **overrides)
+                 batch_size=args.batch_size, cache_dir=args.cache_dir, out=tempfile.gettempdir()) | overrides
     return resolve({key: v for key, v in given.items() if v is not None})
 
 
@@ -214,6 +219,54 @@ def bench_profile(args):
             for row in rows]
 
 
+# ---- loop: where a real train.py run's wall clock goes, against its isolated step ----
+
+LOOP_PARTS = dict(  # part -> (function, the function that calls it) pairs of train.py's loop
+    data=[("read_batch", "train_stage")], text=[("model_inputs", "train_stage")],
+    ema=[("update_parameters", "optimizer_step")],  # AveragedModel's
+    evaluation=[("heldout_loss", "train_stage"), ("write_grid", "train_stage")],
+    saving=[("save_checkpoint", "save")], logging=[("log", "train_stage")])
+
+
+def called_from(stats, name, caller):
+    """Cumulative seconds of the calls that functions named `caller` made to functions named `name` (cProfile)."""
+    return sum(calls[3] for (_, _, callee), (*_, callers) in stats.items() if callee == name
+               for (_, _, by), calls in callers.items() if by == caller)
+
+
+def loop_case(case):
+    """Rows: stage k's loop in a real train.py run of --loop-steps (cProfile): images/s, and its wall clock split
+    into the optimizer step and LOOP_PARTS; the loop is train_stage less its setup (build_parts, resume)."""
+    args, k = case
+    with tempfile.TemporaryDirectory() as out:
+        cfg = bench_config(args, out=out, only_unet=k, **({"data": args.data} if args.data else {}))
+        cfg = dataclasses.replace(cfg, steps=tuple(args.loop_steps for _ in cfg.steps))
+        profiler = cProfile.Profile()
+        profiler.runcall(train.train, cfg)
+    stats = pstats.Stats(profiler).stats
+    loop = called_from(stats, "train_stage", "train") - sum(
+        called_from(stats, name, "train_stage") for name in ("build_parts", "resume"))
+    parts = {part: sum(called_from(stats, *call) for call in calls) for part, calls in LOOP_PARTS.items()}
+    parts = dict(optimizer_step=called_from(stats, "optimizer_step", "train_stage") - parts["ema"], **parts)
+    parts["other"] = loop - sum(parts.values())
+    stage = f"unet{k} {cfg.unets[k]}"
+    return [dict(stage=stage, part="loop", images_per_s=round(args.loop_steps * cfg.batch_size[k] / loop, 2))] + [
+        dict(stage=stage, part=part, seconds=round(v, 2), share=round(v / loop, 3)) for part, v in parts.items()]
+
+
+def bench_loop(args):
+    """Rows: each stage's isolated step (as the train section, at the recipe's precision and layout) beside its
+    loop in a real run, and the loop's time by part."""
+    cfg = bench_config(args)
+    rows = []
+    for k in range(len(cfg.unets)):
+        case = (args, k, cfg.precision[k], cfg.channels_last[k], None, "cached")
+        step, loop = in_fresh_processes(train_case, [case])[0], loop_case((args, k))  # here: its loader has workers
+        loop[0]["of_isolated_step"] = round(loop[0]["images_per_s"] / step["images_per_s"], 3)
+        rows += [dict(stage=step["stage"], part="isolated step", images_per_s=step["images_per_s"])] + loop
+    return rows
+
+
 # ---- sample: every sampler at its default steps vs ancestral ddpm over all T steps ----
 
 def bench_sample(args):
@@ -292,7 +345,7 @@ def markdown(rows):
     return "\n".join(lines + ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows])
 
 
-SECTIONS = dict(train=bench_train, presets=bench_presets, profile=bench_profile, sample=bench_sample,
+SECTIONS = dict(train=bench_train, loop=bench_loop, presets=bench_presets, profile=bench_profile, sample=bench_sample,
                 threads=bench_threads)
 
 
