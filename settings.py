@@ -14,6 +14,9 @@ import text
 import unet
 
 
+TRACKERS = ("none", "wandb", "tensorboard")  # wandb and tensorboard: optional extras, pip install -e ".[wandb]"
+
+
 def setting(default, help):
     """A Config field: its default and its flag's help, in one place."""
     return dataclasses.field(default=default, metadata=dict(help=help))
@@ -68,6 +71,7 @@ class Config:
     log_every: int = setting(10, "append to log.jsonl every N steps")
     eval_every: int = setting(100, "log the held-out loss of 64 held-out samples every N steps (0: at the end)")
     sample_every: int = setting(0, "write a sample grid every N steps (0: at the end only)")
+    tracker: str = setting("none", "also send every log.jsonl record and sample grid to: " + ", ".join(TRACKERS))
     threads: str = setting("auto", "CPU threads: a number, or auto: the fastest of N, N/2, ..., 1 under this "
                            "machine's load, re-timed on real steps (speed only; a number makes runs bit-identical)")
     workers: int = setting(1, "DataLoader worker processes")
@@ -186,6 +190,7 @@ def check(cfg):
                "auto or a positive number of CPU threads"),
               ("only_unet", -1 <= cfg.only_unet < n, f"a U-Net index 0..{n - 1}"),
               ("compile", cfg.compile in ("", *COMPILE_MODES), ", ".join(COMPILE_MODES)),
+              ("tracker", cfg.tracker in TRACKERS, ", ".join(TRACKERS)),
               ("encoder_dtype", cfg.encoder_dtype in text.DTYPES, ", ".join(text.DTYPES))]
     for name, ok, allowed in checks:
         if not ok:

@@ -10,6 +10,7 @@ a second Ctrl-C stops at once. Multi-GPU: `torchrun --nproc_per_node=N train.py 
 import contextlib
 import dataclasses
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -20,9 +21,11 @@ import sys
 import time
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from PIL import Image
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
@@ -426,6 +429,44 @@ def setup_distributed():
     return rank, dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
 
 
+class Tracker:
+    """--tracker wandb or tensorboard: each log.jsonl record's numbers as scalars `unetK/name` at the record's step,
+    its sample grid as the image `unetK/samples`. The package is imported here, and only when chosen."""
+
+    def __init__(self, kind, out, settings):
+        self.kind = kind
+        try:
+            module = importlib.import_module("wandb" if kind == "wandb" else "torch.utils.tensorboard")
+        except ImportError as e:
+            raise ValueError(f'--tracker {kind} needs {kind}: pip install -e ".[{kind}]" ({imagen.first_line(e)})'
+                             ) from None
+        if kind == "wandb":
+            self.image, self.run = module.Image, module.init(project="nanoimagen", dir=out, config=settings)
+        else:
+            self.writer = module.SummaryWriter(os.path.join(out, "tensorboard"))
+
+    def __call__(self, record):
+        k, step, grid = record["unet"], record.get("step"), record["path"] if record.get("event") == "grid" else None
+        numbers = {f"unet{k}/{key}": v for key, v in record.items()
+                   if key not in ("unet", "step") and type(v) in (int, float)}  # not None, True or strings
+        if self.kind == "wandb":
+            images = {f"unet{k}/samples": self.image(grid)} if grid else {}
+            self.run.log({**numbers, **images, f"unet{k}/step": step})
+            return
+        for tag, value in numbers.items():
+            self.writer.add_scalar(tag, value, step)
+        if grid:
+            pixels = np.asarray(Image.open(grid).convert("RGB"))  # [h, w, 3]
+            self.writer.add_image(f"unet{k}/samples", pixels, step, dataformats="HWC")
+        self.writer.flush()
+
+    def close(self):
+        if self.kind == "wandb":
+            self.run.finish()
+        else:
+            self.writer.close()
+
+
 def end_run(rank, message, status):
     """End every rank with exit status `status`; rank 0 prints the one-line message."""
     if rank == 0:
@@ -456,6 +497,7 @@ def train(cfg):
     encoder = text.resolve(cfg.encoder, registry.ENCODERS)
     config = cascade_config(cfg, encoder)
     os.makedirs(cfg.out, exist_ok=True)
+    track = Tracker(cfg.tracker, cfg.out, dataclasses.asdict(cfg)) if rank == 0 and cfg.tracker != "none" else None
     cache = text.EmbeddingCache(cfg.cache_dir, encoder, config["max_text_len"], device, cfg.encoder_dtype)
     if world > 1:
         dist.barrier()  # every rank has read the same cache state before the work is split
@@ -472,20 +514,26 @@ def train(cfg):
     log_file = open(os.path.join(cfg.out, "log.jsonl"), "a") if rank == 0 else None
 
     def log(record):
-        """One strict-JSON line: non-finite numbers, which JSON has no literal for, become strings ("nan", "inf")."""
+        """One strict-JSON line: non-finite numbers, which JSON has no literal for, become strings ("nan", "inf");
+        the record as it is to --tracker."""
+        if track:
+            track(record)
         if log_file:
             record = {key: str(v) if isinstance(v, float) and not math.isfinite(v) else v for key, v in record.items()}
             log_file.write(json.dumps(record, allow_nan=False) + "\n")
             log_file.flush()
 
-    todo = [cfg.only_unet] if cfg.only_unet >= 0 else range(len(cfg.unets))
-    for k in todo:
-        parts = train_stage(cfg, config, cascade, k, train_set, heldout, cache, log, (rank, world, device))
-    if rank == 0:
-        path = os.path.join(cfg.out, "samples.png")
-        log(dict(unet=parts.k, event="grid", path=path,
-                 prompts=write_grid(cascade, parts, cache, path, heldout, cfg.only_unet)))
-        print(f"checkpoints in {cfg.out}/, samples in {path}")
+    try:
+        for k in [cfg.only_unet] if cfg.only_unet >= 0 else range(len(cfg.unets)):
+            parts = train_stage(cfg, config, cascade, k, train_set, heldout, cache, log, (rank, world, device))
+        if rank == 0:
+            path = os.path.join(cfg.out, "samples.png")
+            log(dict(unet=parts.k, event="grid", path=path,
+                     prompts=write_grid(cascade, parts, cache, path, heldout, cfg.only_unet)))
+            print(f"checkpoints in {cfg.out}/, samples in {path}")
+    finally:  # also when a signal stops the run: W&B writes its summary only then
+        if track:
+            track.close()
     if world > 1:
         dist.barrier()  # no rank tears the group down while rank 0 still writes
 
