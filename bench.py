@@ -61,7 +61,7 @@ def parse_args(argv=None):
     a("--sample-batch-size", type=int, default=24, help="sample: images sampled at once, the same for every run")
     a("--thread-steps", type=int, default=30, help="threads: timed steps per row (auto's first rounds included)")
     a("--cache-dir", default=DEFAULTS.cache_dir, help="text-embedding cache folder (as train.py)")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--device", default="auto", type=registry.device_flag, help="auto (cuda, then mps, then cpu), cuda, mps, cpu")
     a("--json", default="bench.json", help="write the results here")
     args = p.parse_args(argv)
     unknown = set(args.sections.split(",")) - set(SECTIONS)

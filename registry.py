@@ -4,6 +4,11 @@ Every name is looked up case- and separator-insensitively ("BaseSmall" == "base-
 Adding a schedule, sampler, preset or encoder is one entry here. Named entries never change meaning once
 committed: checkpoints store names, and old checkpoints must keep loading.
 """
+import argparse
+import re
+
+import torch
+
 import diffusion
 
 
@@ -51,6 +56,28 @@ def broadcast(values, n, what):
     if len(values) != n:
         raise ValueError(f"{what}: got {len(values)} values {values}; give 1 or {n}")
     return values
+
+
+def pick_device(name):
+    """The device that --device names, as a string: auto picks cuda, then mps, then cpu; a ValueError naming the value
+    where it is unknown or not available on this machine."""
+    available = dict(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available(), cpu=True)
+    if name == "auto":
+        return next(kind for kind, here in available.items() if here)
+    match = re.fullmatch(r"(cuda|mps|cpu)(:\d+)?", name)
+    if not match:
+        raise ValueError(f"--device {name!r}: give auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
+    if not available[match[1]]:
+        raise ValueError(f"--device {name!r}: torch finds no {match[1]} device here; give auto or cpu")
+    return name
+
+
+def device_flag(name):
+    """pick_device as an argparse type: its refusal becomes argparse's one-line error."""
+    try:
+        return pick_device(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 SCHEDULES = Registry("noise schedule", {

@@ -37,7 +37,8 @@ def add_sampling_args(p):
     a("--batch-size", type=int, default=64, help="images sampled at once")
     a("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     a("--cache-dir", default=text.DEFAULT_CACHE_DIR, help="text-embedding cache folder")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--device", default="auto", type=registry.device_flag, help="auto (cuda, then mps, then cpu), cuda, cuda:N, "
+      "mps or cpu")
 
 
 def at_least_one(value, flag):

@@ -75,6 +75,7 @@ class Config:
     threads: str = setting("auto", "CPU threads: a number, or auto: the fastest of N, N/2, ..., 1 under this "
                            "machine's load, re-timed on real steps (speed only; a number makes runs bit-identical)")
     workers: int = setting(1, "DataLoader worker processes")
+    device: str = setting("auto", "auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
     compile: str = setting("", "torch.compile each stage in this mode: default, reduce-overhead, max-autotune, "
                            "max-autotune-no-cudagraphs")
     cache_dir: str = setting(text.DEFAULT_CACHE_DIR, "text-embedding cache folder")
@@ -195,6 +196,7 @@ def check(cfg):
     for name, ok, allowed in checks:
         if not ok:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: give {allowed}")
+    registry.pick_device(cfg.device)
     for window in cfg.layout_phase:
         layout_window(window)
     for schedule in cfg.schedule:

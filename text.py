@@ -218,7 +218,7 @@ def main():
     a("--max-length", type=int, default=None, help="text length in tokens (default: the longest of --unets)")
     a("--cache-dir", default=DEFAULT_CACHE_DIR, help="cache root folder, as train.py's --cache-dir")
     a("--batch-size", type=int, default=256)
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--device", default="auto", type=registry.device_flag, help="auto (cuda, then mps, then cpu), cuda, mps, cpu")
     a("--encoder-dtype", default="fp32", choices=list(DTYPES), help="encoder weights' precision (bf16: GPU, T5)")
     args = parser.parse_args()
     try:

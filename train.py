@@ -417,11 +417,15 @@ class StopSignal:
         signal.signal(signum, signal.SIG_DFL)
 
 
-def setup_distributed():
-    """(rank, world_size, device) from torchrun's env vars; single process without them."""
+def setup_distributed(name):
+    """(rank, world_size, device) from torchrun's env vars and --device; a single process without them."""
+    device = torch.device(registry.pick_device(name))
     if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = torch.cuda.is_available()
+        return 0, 1, device
+    if device.type == "mps":
+        raise ValueError("--device mps trains in one process: torch.distributed's backends (nccl, gloo) take cuda and "
+                         "cpu tensors only; give torchrun --device cuda or cpu")
+    cuda = device.type == "cuda"
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, local = dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0))
     if cuda:
@@ -438,8 +442,8 @@ class Tracker:
         try:
             module = importlib.import_module("wandb" if kind == "wandb" else "torch.utils.tensorboard")
         except ImportError as e:
-            raise ValueError(f'--tracker {kind} needs {kind}: pip install -e ".[{kind}]" ({imagen.first_line(e)})'
-                             ) from None
+            install = f'pip install -e ".[{kind}]"'
+            raise ValueError(f"--tracker {kind} needs {kind}: {install} ({imagen.first_line(e)})") from None
         if kind == "wandb":
             self.image, self.run = module.Image, module.init(project="nanoimagen", dir=out, config=settings)
         else:
@@ -485,7 +489,7 @@ def describe(cfg):
 def train(cfg):
     """Data -> text cache -> cascade -> every stage's loop -> the final sample grid."""
     StopSignal.install()
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(cfg.device)
     if rank == 0:
         print(describe(cfg))
     size = cfg.sizes[-1]

@@ -1,12 +1,19 @@
 """Sharing runs and models: trackers, devices, exported folders, and new runs started from another run's weights."""
+import argparse
 import glob
 import os
+import re
 import sys
 
 import pytest
+import torch
 
+import bench
+import registry
+import sample
+import settings
 import train as train_module
-from test_cli import read_log, train
+from test_cli import read_log, run, train
 
 
 def test_tensorboard_gets_every_logged_number_and_the_sample_grid(tmp_path, cache_dir):
@@ -38,3 +45,46 @@ def test_a_tracker_that_is_not_installed_is_one_line_naming_the_extra(tmp_path, 
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
     with pytest.raises(ValueError, match=r'--tracker wandb needs wandb: pip install -e "\.\[wandb\]"'):
         train_module.Tracker("wandb", str(tmp_path), {})
+
+
+def fake_devices(monkeypatch, cuda, mps):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+
+
+@pytest.mark.parametrize("cuda, mps, picked", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_auto_picks_cuda_then_mps_then_cpu_on_every_command_line(monkeypatch, cuda, mps, picked):
+    fake_devices(monkeypatch, cuda, mps)
+    monkeypatch.delenv("RANK", raising=False)  # not under torchrun
+    assert registry.pick_device("auto") == picked
+    assert settings.parse_config([]).device == "auto" and train_module.setup_distributed("auto")[2].type == picked
+    parser = argparse.ArgumentParser()
+    sample.add_sampling_args(parser)
+    assert parser.parse_args(["--ckpt", "out"]).device == picked
+    assert bench.parse_args([]).device == picked
+
+
+@pytest.mark.parametrize("name, needle", [("tpu", "--device 'tpu': give auto (cuda, then mps, then cpu), cuda"),
+                                          ("cuda:x", "--device 'cuda:x': give auto"),
+                                          ("cuda", "--device 'cuda': torch finds no cuda device here"),
+                                          ("mps", "--device 'mps': torch finds no mps device here")])
+def test_an_unknown_or_absent_device_is_one_line_naming_it(monkeypatch, name, needle):
+    fake_devices(monkeypatch, False, False)
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        settings.parse_config(["--device", name])
+    parser = argparse.ArgumentParser()
+    sample.add_sampling_args(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--ckpt", "out", "--device", name])
+
+
+def test_torchrun_on_mps_is_refused_in_one_line(monkeypatch):
+    fake_devices(monkeypatch, False, True)
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match="--device mps trains in one process"):
+        train_module.setup_distributed("auto")
+
+
+def test_a_bad_device_ends_sample_py_in_one_line():
+    proc = run("sample.py", "--ckpt", "out", "--prompt", "x", "--device", "tpu", check=False)
+    assert proc.returncode == 2 and "--device 'tpu': give auto" in proc.stderr.strip().splitlines()[-1]
