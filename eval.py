@@ -7,7 +7,8 @@ image and the base's word-order gaps (word_order_gaps). Other data: the held-out
 held-out losses that training logged. It also samples every held-out caption and --n-trained training captions once
 and ranks all of the data's pictures by their distance to each sample (retrieval_ranks): recall@1, recall@10 and the
 median rank of the caption's own picture, beside chance; CKPT/trained.png and CKPT/heldout.png show samples beside
-their pictures.
+their pictures. --fid, --kid and --clip-score also sample every usable caption once and score the samples against
+all of the data's pictures (FID, KID) or their captions (CLIP score), with torchmetrics (`pip install -e ".[metrics]"`).
 """
 import argparse
 import functools
@@ -15,6 +16,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -29,6 +31,8 @@ JUDGE_KEYS = ("color", "shape", "position")  # the verdicts of data.judge
 WORD_ORDER_LEVEL, WORD_ORDER_SCENES = 0.85, 128  # the word-order probe: noise level (fraction of T), scenes
 RETRIEVAL_SIDE = 16  # --data: samples and pictures are compared as RGB images this many pixels wide
 GRID_PAIRS = 32  # --data: samples shown beside their pictures in each grid
+INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"  # torch-fidelity's weights
+                 "weights-inception-2015-12-05-6726825d.pth")
 
 
 def score(images, prompts):
@@ -179,6 +183,65 @@ def eval_data(cascade, stop_at, cache, sample, *, data_spec, n, n_trained, folde
                 retrieval=dict(scores, chance=chance_scores(len(pictures)), pictures=len(pictures)))
 
 
+def inception_weights(path):
+    """`path`, else torch-fidelity's Inception weights in torch hub's download cache; ValueError if not a file."""
+    found = path or os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(INCEPTION_URL))
+    if not os.path.isfile(found):
+        raise ValueError(f"--fid-weights {found}: no such file; download {INCEPTION_URL} and pass it")
+    return found
+
+
+def inception_distance(metric, real, fake, batch=64):
+    """torchmetrics' FID or KID `metric` of the uint8 images real [m, 3, s, s] and fake [n, 3, s, s]."""
+    for images, is_real in ((real, True), (fake, False)):
+        for part in images.split(batch):
+            metric.update(part.to(metric.device), real=is_real)
+    return metric.compute()
+
+
+def frechet_inception_distance(real, fake, weights, device):
+    """FID (Heusel et al. 2017) over torch-fidelity's InceptionV3 pool features, its weights the file `weights`."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    metric = FrechetInceptionDistance(feature_extractor_weights_path=weights)
+    return round(inception_distance(metric.to(device), real, fake).item(), 4)
+
+
+def kernel_inception_distance(real, fake, weights, device):
+    """KID (Bińkowski et al. 2018): unbiased, so fit for small sets; (mean, std) over 100 seeded subsets."""
+    from torchmetrics.image.fid import NoTrainInceptionV3
+    from torchmetrics.image.kid import KernelInceptionDistance
+    inception = NoTrainInceptionV3("inception-v3-compat", ["2048"], weights)  # KID takes no weights path: a module
+    metric = KernelInceptionDistance(feature=inception, subset_size=min(1000, len(real), len(fake)))
+    with torch.random.fork_rng(devices=[]):  # the subsets: torch.randperm on the CPU generator
+        torch.manual_seed(EVAL_SEED)
+        return tuple(round(x.item(), 6) for x in inception_distance(metric.to(device), real, fake))
+
+
+def clip_score(images, captions, model, device, batch=64):
+    """CLIP score (Hessel et al. 2021) of uint8 images and their captions under a CLIP model (HF id or folder)."""
+    import transformers
+    from torchmetrics.multimodal.clip_score import CLIPScore
+    clip = transformers.CLIPModel.from_pretrained(model)
+    for name in ("get_image_features", "get_text_features"):  # tensors, not transformers 5 outputs (torchmetrics#3407)
+        setattr(clip, name, lambda *a, f=getattr(clip, name), **k: getattr(out := f(*a, **k), "pooler_output", out))
+    metric = CLIPScore(model_name_or_path=lambda: (clip, transformers.CLIPProcessor.from_pretrained(model))).to(device)
+    for start in range(0, len(images), batch):
+        metric.update(images[start:start + batch].to(device), captions[start:start + batch])
+    return round(metric.compute().item(), 4)
+
+
+def eval_fidelity(dataset, sample, *, fid, kid, weights, clip_model, device):
+    """JSON result of --fid, --kid and --clip-score: one sample of each usable caption against all the pictures."""
+    real, captions = data.first_usable(dataset, len(dataset))  # uint8 [n, 3, s, s]
+    fake = (sample(captions) * 255).round().to(torch.uint8)
+    if fid and len(fake) < 2000:
+        print(f"warning: FID of {len(fake)} (< 2,000) samples is biased upward and noisy: read KID", file=sys.stderr)
+    return dict(n_samples=len(fake), n_real=len(real),
+                fid=frechet_inception_distance(real, fake, weights, device) if fid else None,
+                kid=kernel_inception_distance(real, fake, weights, device) if kid else None,
+                clip_score=clip_score(fake, captions, clip_model, device) if clip_model else None)
+
+
 def eval_shapes(cascade, cache, sample, *, n, prompt_seed, grid, device):
     """JSON result without --data: judge scores of n shapes prompts, seconds per image, the word-order gaps."""
     prompts = data.shapes_captions(n, seed=prompt_seed)
@@ -204,10 +267,18 @@ def main(argv=None):
                    "evaluate on it instead of shapes prompts")
     p.add_argument("--n-trained", type=int, default=256, help="with --data: training captions whose pictures are "
                    "ranked (beside every held-out caption)")
+    p.add_argument("--fid", action="store_true", help="with --data: FID of a sample per caption vs all the pictures")
+    p.add_argument("--kid", action="store_true", help="with --data: KID of those samples (unbiased: for small sets)")
+    p.add_argument("--fid-weights", default=None, help="torch-fidelity's Inception weights file for --fid and --kid "
+                   f"(default: {os.path.basename(INCEPTION_URL)} in torch hub's checkpoints folder)")
+    p.add_argument("--clip-score", default=None, metavar="MODEL", help="with --data: CLIP score under this CLIP model")
     args = p.parse_args(argv)
     try:
         at_least_one(args.n, "--n")
         at_least_one(args.n_trained, "--n-trained")
+        if (fidelity := args.fid or args.kid or args.clip_score) and not args.data:
+            raise ValueError("--fid, --kid and --clip-score compare samples with a dataset's pictures: give --data")
+        weights = inception_weights(args.fid_weights) if args.fid or args.kid else None
         cascade, stop_at, cache, options = sampling_setup(args)
         sample = functools.partial(generate, cascade, cache, stop_at=stop_at, options=options, seed=args.seed,
                                    batch_size=args.batch_size, device=args.device)
@@ -215,11 +286,17 @@ def main(argv=None):
             folder = args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(args.ckpt)
             result = eval_data(cascade, stop_at, cache, sample, data_spec=args.data, n=args.n,
                                n_trained=args.n_trained, folder=folder, device=args.device)
+            if fidelity:
+                dataset = data.make_dataset(args.data, cascade.config["stages"][stop_at - 1]["size"])
+                result["fidelity"] = eval_fidelity(dataset, sample, fid=args.fid, kid=args.kid, weights=weights,
+                                                   clip_model=args.clip_score, device=args.device)
         else:
             result = eval_shapes(cascade, cache, sample, n=args.n, prompt_seed=args.prompt_seed, grid=args.grid,
                                  device=args.device)
     except (ValueError, OSError) as e:
         p.error(imagen.first_line(e))
+    except ImportError as e:  # the metrics extra's packages, imported where --fid, --kid and --clip-score use them
+        p.error(f"{imagen.first_line(e)} (the metrics extra: pip install -e \".[metrics]\")")
     print(json.dumps(result))
 
 

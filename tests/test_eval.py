@@ -1,5 +1,8 @@
-"""eval.py --data's retrieval score: each caption's sample ranks all of the data's pictures by distance."""
+"""eval.py --data: the retrieval score (each caption's sample ranks all of the data's pictures by distance) and the
+metrics extra's --fid, --kid and --clip-score."""
+import importlib
 import json
+import math
 
 import pytest
 import torch
@@ -7,6 +10,7 @@ from hypothesis import given, strategies as st
 from PIL import Image
 
 import eval as eval_module
+import imagen
 from conftest import FEW, captioned_pictures, seeds
 from test_cli import run, train
 
@@ -57,9 +61,116 @@ def test_eval_data_ranks_the_pictures_of_trained_and_held_out_captions(tmp_path,
 
 
 @pytest.mark.parametrize("flags, needle", [(["--data", "shapes"], "--data shapes"),
-                                           (["--data", "DIR", "--n-trained", "0"], "--n-trained 0")])
+                                           (["--data", "DIR", "--n-trained", "0"], "--n-trained 0"),
+                                           (["--data", "DIR", "--fid", "--fid-weights", "DIR/x.pth"], "--fid-weights"),
+                                           (["--kid"], "give --data")])
 def test_eval_data_refuses_what_it_cannot_rank_with_one_line(trained, tmp_path, cache_dir, flags, needle):
-    flags = [str(tmp_path) if flag == "DIR" else flag for flag in flags]
+    flags = [flag.replace("DIR", str(tmp_path)) for flag in flags]
     proc = run("eval.py", "--ckpt", str(trained), *flags, "--cache-dir", cache_dir, check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
     assert needle in proc.stderr.strip().splitlines()[-1], proc.stderr
+
+
+# ---- --fid, --kid, --clip-score: the metrics extra, driven with random local weights (offline) ----
+
+def importable(name):
+    """The module `name`, or a skip where the metrics extra does not import (e.g. a CUDA torchvision beside a CPU
+    torch, whose operators do not load)."""
+    try:
+        return importlib.import_module(name)
+    except (ImportError, RuntimeError) as e:
+        pytest.skip(f"{name} does not import ({imagen.first_line(e)}): pip install -e '.[metrics]'")
+
+
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory):
+    """A seeded random state dict of torch-fidelity's FeatureExtractorInceptionV3, saved like its weights file."""
+    module = importable("torch_fidelity.feature_extractor_inceptionv3")
+    folder = tmp_path_factory.mktemp("inception")
+    torch.save({}, folder / "empty.pth")
+    with pytest.MonkeyPatch.context() as patch, torch.random.fork_rng(devices=[]):
+        patch.setattr(module.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)  # keep the init
+        torch.manual_seed(0)
+        net = module.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], str(folder / "empty.pth"))
+        for conv in (m for m in net.modules() if isinstance(m, torch.nn.Conv2d)):
+            torch.nn.init.kaiming_normal_(conv.weight)  # He init: features keep their scale through 90 layers
+    torch.save(net.state_dict(), folder / "weights.pth")
+    return str(folder / "weights.pth")
+
+
+def image_sets(n=8, side=32):
+    """Seeded random uint8 images [n, 3, side, side] and the same images brightened by 80 (clipped at 255)."""
+    images = torch.randint(0, 256, (n, 3, side, side), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    return images, (images.int() + 80).clamp(max=255).to(torch.uint8)
+
+
+def test_fid_is_zero_for_an_image_set_against_itself_and_grows_when_it_is_brightened(inception_file):
+    images, brighter = image_sets()
+    same = eval_module.frechet_inception_distance(images, images, inception_file, "cpu")
+    shifted = eval_module.frechet_inception_distance(images, brighter, inception_file, "cpu")
+    print(f"FID same {same}, brightened {shifted}")
+    assert abs(same) < 1e-3 * shifted and shifted > 1
+
+
+def test_kid_is_near_zero_for_an_image_set_against_itself_and_grows_when_it_is_brightened(inception_file):
+    images, brighter = image_sets()
+    same, same_std = eval_module.kernel_inception_distance(images, images, inception_file, "cpu")
+    shifted, _ = eval_module.kernel_inception_distance(images, brighter, inception_file, "cpu")
+    print(f"KID same {same} ± {same_std}, brightened {shifted}")
+    assert abs(same) < 0.05 * shifted and shifted > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A randomly initialised CLIP model folder of a few thousand parameters, with a character-level BPE tokenizer
+    (vocab.json, merges.txt) and a 32 px image processor: what `--clip-score FOLDER` loads."""
+    transformers = importable("transformers")
+    folder = tmp_path_factory.mktemp("clip")
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789"
+    vocab = {t: i for i, t in enumerate(["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)])}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    text = dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)  # a seed whose embeddings of image_sets(5) and their captions agree: CLIP score above 0
+        model = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision,
+                                                               projection_dim=8))
+    model.save_pretrained(folder)
+    transformers.CLIPProcessor(
+        image_processor=transformers.CLIPImageProcessor(size={"shortest_edge": 32},
+                                                        crop_size={"height": 32, "width": 32}),
+        tokenizer=transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    ).save_pretrained(folder)
+    return str(folder)
+
+
+def test_clip_score_of_samples_and_captions_runs_end_to_end_on_a_local_clip_folder(tiny_clip):
+    importable("torchmetrics")
+    images, _ = image_sets(n=5)
+    score = eval_module.clip_score(images, [f"picture {i}" for i in range(5)], tiny_clip, "cpu", batch=2)
+    print(f"CLIP score {score}")
+    assert math.isfinite(score) and 0 < score <= 100, score  # CLIPScore clips a negative mean cosine to 0
+
+
+def test_missing_inception_weights_are_one_line_naming_the_flag_and_the_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # torch hub's download cache: empty
+    for path in (None, str(tmp_path / "missing.pth")):
+        with pytest.raises(ValueError, match="^--fid-weights ") as error:
+            eval_module.inception_weights(path)
+        assert "\n" not in str(error.value) and eval_module.INCEPTION_URL in str(error.value)
+
+
+def test_eval_fid_kid_and_clip_score_sample_every_caption_through_the_command_line(tmp_path, cache_dir,
+                                                                                 inception_file, tiny_clip):
+    folder, out = captioned_pictures(tmp_path / "pictures", 8), tmp_path / "out"
+    train(out, cache_dir, "--data", str(folder), "--steps", "1", "--holdout", "2")
+    proc = run("eval.py", "--ckpt", str(out), "--data", str(folder), "--n-trained", "2", "--steps", "2",
+               "--stop-at-unet", "0", "--fid", "--kid", "--fid-weights", inception_file, "--clip-score", tiny_clip,
+               "--cache-dir", cache_dir)
+    fidelity = json.loads(proc.stdout.strip().splitlines()[-1])["fidelity"]
+    assert fidelity["n_samples"] == fidelity["n_real"] == 8
+    assert fidelity["fid"] > 0 and len(fidelity["kid"]) == 2 and 0 <= fidelity["clip_score"] <= 100
+    assert "warning: FID of 8 (< 2,000) samples" in proc.stderr
