@@ -311,9 +311,6 @@ def find_checkpoints(ckpt):
     """{stage index: file} for a checkpoint folder, or for the folder of one checkpoint file, which stands in for its
     stage's unetK.pt (so an older unetK-stepNNNNNN.pt kept by --keep can be sampled)."""
     folder = ckpt if os.path.isdir(ckpt) else os.path.dirname(ckpt) or "."
-    if not os.path.exists(ckpt):
-        raise ValueError(f"--ckpt {ckpt!r} does not exist; pass a training --out folder, a unetK.pt file in it or an "
-                         "exported .safetensors file")
     found = {int(m.group(1)): os.path.join(folder, f) for f in os.listdir(folder)
              if (m := re.fullmatch(r"unet(\d+)\.pt", f))}
     if m := re.fullmatch(r"unet(\d+)(-step\d+)?\.pt", os.path.basename(ckpt)):
@@ -351,7 +348,7 @@ def cascade_mismatch(old, new, k):
 
 
 def load_trained(ckpt, ema):
-    """(config, {stage: U-Net weights}) of a checkpoint folder/file; optimizer states stay unread on disk."""
+    """(config, {stage: U-Net weights}, {stage: its steps and settings}) of a checkpoint folder/file."""
     files = find_checkpoints(ckpt)
     weights = "ema" if ema else "model"
     states = {k: require(load_checkpoint(f, mmap=True), f, ("config", weights)) for k, f in sorted(files.items())}
@@ -361,7 +358,18 @@ def load_trained(ckpt, ema):
         if mismatch:
             raise ValueError(f"{files[k]} was trained as U-Net {k} of a different cascade than {files[min(states)]} "
                              f"({mismatch})")
-    return config, {k: state[weights] for k, state in states.items()}
+    history = {k: dict(steps=state.get("step"), settings=state.get("settings")) for k, state in states.items()}
+    return config, {k: state[weights] for k, state in states.items()}, history
+
+
+def read_safetensors(path):
+    """(metadata, {name: tensor}) of a .safetensors file; a one-line ValueError where it is missing or unreadable."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(path, "pt") as f:
+            return f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"cannot load {path}: {first_line(e)}") from None
 
 
 def export_weights(cascade, trained, path):
@@ -373,29 +381,77 @@ def export_weights(cascade, trained, path):
 
 
 def load_exported(path):
-    """(config, {stage: U-Net weights}) of a file written by export_weights."""
-    from safetensors import SafetensorError, safe_open
-    try:
-        with safe_open(path, "pt") as f:
-            meta, tensors = f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"cannot load {path}: {first_line(e)}") from None
+    """(config, {stage: U-Net weights}, no history) of a file written by export_weights."""
+    meta, tensors = read_safetensors(path)
     if "config" not in meta:
         raise ValueError(f"{path} has no cascade config in its metadata; export it with sample.py --export")
     weights = {}
     for name, t in tensors.items():  # "0.init_conv.weight": stage 0's init_conv.weight
         k, _, param = name.partition(".")
         weights.setdefault(int(k), {})[param] = t
-    return json.loads(meta["config"]), weights
+    return json.loads(meta["config"]), weights, {}
+
+
+def export_folder(config, weights, folder, about):
+    """Write weights {stage: U-Net weights} as unetK.safetensors and config.json: the cascade `config`, its sampling
+    defaults and `about` (its "trained" list: each stage's steps and settings)."""
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    for k, state in weights.items():
+        save_file({name: t.contiguous() for name, t in state.items()}, os.path.join(folder, f"unet{k}.safetensors"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        sampling = {**SAMPLING_DEFAULTS, **config.get("sampling", {})}
+        json.dump(dict(cascade=config, sampling=sampling, **about), f, indent=1)
+
+
+def load_export_folder(folder):
+    """(config, {stage: U-Net weights}, {stage: its steps and settings}) of a folder written by export_folder."""
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path) as f:
+            about = json.load(f)
+        config, trained = dict(about["cascade"]), list(about["trained"])
+    except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable, not JSON, an entry missing or of a bad type
+        raise ValueError(f"{path} is not a sample.py --export config ({type(e).__name__}: {first_line(e)})") from None
+    weights = {k: read_safetensors(os.path.join(folder, f"unet{k}.safetensors"))[1] for k in range(len(trained))}
+    return config, weights, dict(enumerate(trained))
+
+
+def download(hub_id):
+    """The folder of a Hugging Face Hub model, downloaded once into the Hub's cache."""
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(hub_id)
+    except (ValueError, OSError) as e:  # not a Hub id; no such model; offline and not in the cache
+        raise ValueError(f"{hub_id!r}: no such file, folder or Hugging Face Hub model ({first_line(e)})") from None
+
+
+def load_weights(ckpt, ema=True):
+    """(config, {stage: U-Net weights}, {stage: its steps and settings}) of a training --out folder or unetK.pt, an
+    export (sample.py --export: a folder or .safetensors file; `ema` does not apply) or else a Hub id of a folder."""
+    if str(ckpt).endswith(".safetensors"):
+        return load_exported(ckpt)
+    if os.path.isfile(os.path.join(ckpt, "config.json")):
+        return load_export_folder(ckpt)
+    return load_trained(ckpt, ema) if os.path.exists(ckpt) else load_export_folder(download(ckpt))
+
+
+def load_unet(unet, weights, what):
+    """Load weights into a U-Net; a one-line ValueError naming `what` and the first tensor of another name or shape."""
+    def shapes(state):
+        return {name: str(list(t.shape)) for name, t in state.items()}  # strings: a shape is compared whole
+    found = first_difference(shapes(weights), shapes(unet.state_dict()))
+    if found:
+        raise ValueError(f"{what} does not fit its U-Net ({found[0]}: {found[1]} -> {found[2]}, weights -> U-Net)")
+    unet.load_state_dict(weights)
 
 
 def load_cascade(ckpt, device="cpu", ema=True):
-    """(Imagen with trained weights, number of leading stages that have weights) from a checkpoint folder/file or
-    an exported .safetensors file (which holds the weights chosen at export; `ema` does not apply)."""
-    config, weights = load_exported(ckpt) if str(ckpt).endswith(".safetensors") else load_trained(ckpt, ema)
+    """(Imagen with trained weights, number of leading stages that have weights) of any load_weights source."""
+    config, weights, _ = load_weights(ckpt, ema)
     imagen = Imagen(config).eval()
     for k, w in weights.items():
-        imagen.stages[k].unet.load_state_dict(w)
+        load_unet(imagen.stages[k].unet, w, f"{ckpt} U-Net {k}")
     trained = 0
     while trained in weights:
         trained += 1

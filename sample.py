@@ -3,10 +3,12 @@
 Writes one PNG per image plus a grid, and prints their paths. Uses the EMA weights unless --no-ema.
 Edits a given image with --init-image (SDEdit), --inpaint/--mask (RePaint), or super-resolves one with
 --start-at-unet K --image PATH.
-`python sample.py --ckpt out --export cascade.safetensors` writes the weights and config of every trained U-Net
-into one file for sharing; `--ckpt cascade.safetensors` samples from it.
+`python sample.py --ckpt out --export DIR` writes the weights and config of every trained U-Net and a model card
+into a folder for sharing (`--export FILE.safetensors`: one file); `--ckpt DIR` (or a Hub id of it) samples from it.
 """
 import argparse
+import itertools
+import json
 import math
 import os
 import re
@@ -24,7 +26,8 @@ import text
 def add_sampling_args(p):
     """Flags shared by sample.py and eval.py; unset ones fall back to the checkpoint's stored defaults."""
     a = p.add_argument
-    a("--ckpt", required=True, help="training --out folder, one unetK.pt file in it, or a file written by --export")
+    a("--ckpt", required=True, help="training --out folder, one unetK.pt file in it, a folder or file written by "
+      "--export, or a Hugging Face Hub id of such a folder")
     a("--sampler", default=None, help=f"sampler, one value or a comma list per U-Net: "
       f"{', '.join(registry.SAMPLERS.names())} (default: {imagen.SAMPLING_DEFAULTS['sampler']}; heun for edm U-Nets)")
     a("--steps", default=None, help="sampler steps, one value or a comma list per U-Net")
@@ -185,12 +188,46 @@ def edit_from_args(args, stop_at):
 
 
 def export(args):
-    """Write the --ckpt cascade's trained U-Nets (EMA unless --no-ema) and config to --export; print its path."""
-    if not args.export.endswith(".safetensors"):
-        raise ValueError(f"--export {args.export!r}: give a file name ending in .safetensors")
-    cascade, trained = imagen.load_cascade(args.ckpt, ema=not args.no_ema)
-    imagen.export_weights(cascade, trained, args.export)
+    """Write the --ckpt's trained U-Nets (EMA unless --no-ema) to the --export folder or file; print its path."""
+    if args.export.endswith(".safetensors"):
+        imagen.export_weights(*imagen.load_cascade(args.ckpt, ema=not args.no_ema), args.export)
+    else:
+        config, weights, history = imagen.load_weights(args.ckpt, ema=not args.no_ema)
+        stages = list(itertools.takewhile(weights.__contains__, range(len(config["stages"]))))
+        about = dict(trained=[history.get(k, {}) for k in stages], weights="raw" if args.no_ema else "EMA",
+                     eval=eval_scores(args.ckpt))
+        imagen.export_folder(config, {k: weights[k] for k in stages}, args.export, about)
+        with open(os.path.join(args.export, "README.md"), "w") as f:
+            f.write(model_card(config, about))
     print(args.export)
+
+
+def eval_scores(ckpt):
+    """The scores in eval.json beside the checkpoints (`python eval.py --ckpt out > out/eval.json`), or None."""
+    path = os.path.join(ckpt if os.path.isdir(ckpt) else os.path.dirname(ckpt), "eval.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{path} is not eval.py's JSON ({imagen.first_line(e)})") from None
+
+
+def model_card(config, about):
+    """An exported folder's README.md: the cascade, what trained each U-Net, its eval scores where known."""
+    rows = []
+    for k, trained in enumerate(about["trained"]):
+        stage, settings = config["stages"][k], trained.get("settings") or {}
+        rows.append(f"| {k} | {stage['unet']} | {stage['size']} px | {trained.get('steps') or 'unknown'} | "
+                    f"{settings.get('recipe', 'unknown') or 'none'} | {settings.get('data', 'unknown')} |")
+    scores = json.dumps(about["eval"]) if about["eval"] else "unknown (no eval.json beside the checkpoints)"
+    return "\n".join([
+        "# nanoimagen cascade", "",
+        f"{len(rows)} text-conditioned pixel diffusion U-Nets over `{config['encoder']}` text embeddings, "
+        f"{about['weights']} weights. Sample: `python sample.py --ckpt THIS_FOLDER --prompt \"a red circle\"`.", "",
+        "| U-Net | preset | size | steps trained | recipe | data |", "|---|---|---:|---:|---|---|", *rows, "",
+        f"Eval scores: {scores}", ""])
 
 
 def read_prompts(prompts, prompts_file, n_per_prompt):
@@ -214,8 +251,9 @@ def main(argv=None):
     p.add_argument("--prompts", default=None, help="a text file with one prompt per line")
     p.add_argument("--n-per-prompt", type=int, default=1, help="images per prompt")
     p.add_argument("--out", default="samples", help="output folder")
-    p.add_argument("--export", default=None, metavar="FILE.safetensors", help="instead of sampling, write the "
-                   "weights (EMA unless --no-ema) and config of every trained U-Net to FILE.safetensors")
+    p.add_argument("--export", default=None, metavar="DIR|FILE.safetensors", help="instead of sampling, write the "
+                   "weights (EMA unless --no-ema) and config of every trained U-Net to a folder that --ckpt loads "
+                   "(config.json, unetK.safetensors, a README.md model card), or to one .safetensors file")
     args = p.parse_args(argv)
     try:
         if args.export:

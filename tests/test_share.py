@@ -1,19 +1,23 @@
 """Sharing runs and models: trackers, devices, exported folders, and new runs started from another run's weights."""
 import argparse
 import glob
+import json
 import os
 import re
+import shutil
 import sys
 
 import pytest
+import safetensors.torch
 import torch
 
 import bench
+import imagen
 import registry
 import sample
 import settings
 import train as train_module
-from test_cli import read_log, run, train
+from test_cli import read_log, run, sampled, train
 
 
 def test_tensorboard_gets_every_logged_number_and_the_sample_grid(tmp_path, cache_dir):
@@ -88,3 +92,65 @@ def test_torchrun_on_mps_is_refused_in_one_line(monkeypatch):
 def test_a_bad_device_ends_sample_py_in_one_line():
     proc = run("sample.py", "--ckpt", "out", "--prompt", "x", "--device", "tpu", check=False)
     assert proc.returncode == 2 and "--device 'tpu': give auto" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_an_exported_folder_samples_like_the_checkpoints_and_its_card_says_what_trained_it(trained, tmp_path,
+                                                                                           cache_dir):
+    source, exported = tmp_path / "run", tmp_path / "exported"
+    shutil.copytree(trained, source)
+    (source / "eval.json").write_text('{"color": 0.5, "n": 4}\n')
+    assert run("sample.py", "--ckpt", str(source), "--export", str(exported)).stdout.split() == [str(exported)]
+    assert sorted(os.listdir(exported)) == ["README.md", "config.json", "unet0.safetensors", "unet1.safetensors"]
+    about = json.loads((exported / "config.json").read_text())
+    assert about["cascade"] == json.loads(json.dumps(imagen.load_checkpoint(source / "unet0.pt")["config"]))
+    assert about["sampling"]["steps"] == [3, 3] and about["eval"] == {"color": 0.5, "n": 4}
+    assert [t["steps"] for t in about["trained"]] == [4, 4] and about["trained"][1]["settings"]["data"] == "shapes"
+    card = (exported / "README.md").read_text()
+    assert "| 1 | SuperTest | 32 px | 4 | none | shapes |" in card and '"color": 0.5' in card
+    for k in (0, 1):
+        ema = imagen.load_checkpoint(imagen.checkpoint_path(source, k))["ema"]
+        tensors = safetensors.torch.load_file(exported / f"unet{k}.safetensors")
+        assert tensors.keys() == ema.keys() and all(torch.equal(tensors[name], t) for name, t in ema.items())
+    assert torch.equal(sampled(exported, tmp_path / "from-folder", cache_dir),
+                       sampled(source, tmp_path / "from-run", cache_dir))
+
+
+def exported_folder(folder, cascade):
+    imagen.export_folder(cascade.config, {k: s.unet.state_dict() for k, s in enumerate(cascade.stages)}, folder,
+                         dict(trained=[{}, {}]))
+    return folder
+
+
+def test_a_hub_id_loads_through_snapshot_download(tmp_path, cascade, monkeypatch):
+    import huggingface_hub
+    folder = exported_folder(tmp_path / "snapshot", cascade)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda hub_id: {"someone/tiny": str(folder)}[hub_id])
+    loaded, trained = imagen.load_cascade("someone/tiny")
+    assert trained == 2 and all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
+                                                                   cascade.state_dict().values()))
+
+
+@pytest.mark.parametrize("fault, needle", [
+    ("stage missing", "cannot load {folder}/unet1.safetensors"),
+    ("shape mismatch", "{folder} U-Net 0 does not fit its U-Net (downs.0.after.bias: [8] -> [16], weights -> U-Net)"),
+    ("bad json", "{folder}/config.json is not a sample.py --export config (JSONDecodeError"),
+    ("no cascade", "{folder}/config.json is not a sample.py --export config (KeyError: 'cascade')"),
+    ("no such hub id", "'no-such-org/no-such-model': no such file, folder or Hugging Face Hub model")])
+def test_a_broken_exported_folder_is_one_line_naming_the_file(tmp_path, cascade, fault, needle, monkeypatch):
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # the unknown id fails the same online
+    folder = exported_folder(tmp_path / "exported", cascade)
+    config = folder / "config.json"
+    if fault == "stage missing":
+        (folder / "unet1.safetensors").unlink()
+    elif fault == "shape mismatch":
+        about = json.loads(config.read_text())
+        about["cascade"]["stages"][0]["unet_kwargs"]["dim"] = 16
+        config.write_text(json.dumps(about))
+    elif fault in ("bad json", "no cascade"):
+        config.write_text("{" if fault == "bad json" else "{}")
+    else:
+        folder = "no-such-org/no-such-model"
+    with pytest.raises(ValueError, match=re.escape(needle.format(folder=folder))) as e:
+        imagen.load_cascade(str(folder))
+    assert "\n" not in str(e.value)
