@@ -5,7 +5,6 @@ Adding a schedule, sampler, preset or encoder is one entry here. Named entries n
 committed: checkpoints store names, and old checkpoints must keep loading.
 """
 import argparse
-import re
 
 import torch
 
@@ -59,16 +58,15 @@ def broadcast(values, n, what):
 
 
 def pick_device(name):
-    """The device that --device names, as a string: auto picks cuda, then mps, then cpu; a ValueError naming the value
-    where it is unknown or not available on this machine."""
+    """The device --device names: auto picks cuda, then mps, then cpu; a ValueError if it is unknown or absent here."""
     available = dict(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available(), cpu=True)
     if name == "auto":
         return next(kind for kind, here in available.items() if here)
-    match = re.fullmatch(r"(cuda|mps|cpu)(:\d+)?", name)
-    if not match:
+    kind, _, index = name.partition(":")
+    if kind not in available or name != kind and not index.isdigit():
         raise ValueError(f"--device {name!r}: give auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
-    if not available[match[1]]:
-        raise ValueError(f"--device {name!r}: torch finds no {match[1]} device here; give auto or cpu")
+    if not available[kind]:
+        raise ValueError(f"--device {name!r}: torch finds no {kind} device here; give auto or cpu")
     return name
 
 

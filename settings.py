@@ -14,9 +14,6 @@ import text
 import unet
 
 
-TRACKERS = ("none", "wandb", "tensorboard")  # wandb and tensorboard: optional extras, pip install -e ".[wandb]"
-
-
 def setting(default, help):
     """A Config field: its default and its flag's help, in one place."""
     return dataclasses.field(default=default, metadata=dict(help=help))
@@ -65,13 +62,15 @@ class Config:
                                   "low-res conditions (a fraction of T)")
     seed: int = setting(0, "initial weights, noise and data order")
     out: str = setting("out", "checkpoint/log/sample folder; re-running with the same folder resumes")
+    init_from: str = setting("", "start a new run (step 0, fresh optimizer) from another run's --out folder or "
+                             "unetK.pt, or a sample.py --export folder or Hub id: its EMA weights where stored")
     only_unet: int = setting(-1, "train only U-Net K (0-based), e.g. as one of parallel jobs; -1: all")
     save_every: int = setting(500, "write a checkpoint every N steps (and at the end)")
     keep: int = setting(0, "also keep the N newest older checkpoints per U-Net, as unetK-stepNNNNNN.pt")
     log_every: int = setting(10, "append to log.jsonl every N steps")
     eval_every: int = setting(100, "log the held-out loss of 64 held-out samples every N steps (0: at the end)")
     sample_every: int = setting(0, "write a sample grid every N steps (0: at the end only)")
-    tracker: str = setting("none", "also send every log.jsonl record and sample grid to: " + ", ".join(TRACKERS))
+    tracker: str = setting("none", 'also send log.jsonl and grids to wandb or tensorboard (pip install -e ".[wandb]")')
     threads: str = setting("auto", "CPU threads: a number, or auto: the fastest of N, N/2, ..., 1 under this "
                            "machine's load, re-timed on real steps (speed only; a number makes runs bit-identical)")
     workers: int = setting(1, "DataLoader worker processes")
@@ -191,7 +190,7 @@ def check(cfg):
                "auto or a positive number of CPU threads"),
               ("only_unet", -1 <= cfg.only_unet < n, f"a U-Net index 0..{n - 1}"),
               ("compile", cfg.compile in ("", *COMPILE_MODES), ", ".join(COMPILE_MODES)),
-              ("tracker", cfg.tracker in TRACKERS, ", ".join(TRACKERS)),
+              ("tracker", cfg.tracker in ("none", "wandb", "tensorboard"), "none, wandb or tensorboard"),
               ("encoder_dtype", cfg.encoder_dtype in text.DTYPES, ", ".join(text.DTYPES))]
     for name, ok, allowed in checks:
         if not ok:

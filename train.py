@@ -189,6 +189,8 @@ def train_stage(cfg, config, cascade, k, train_set, heldout, cache, log, dist_in
     path = imagen.checkpoint_path(cfg.out, k)
     state = dict(step=0, position=0, elapsed=0.0, skipped=0, data_digest="")
     state.update(resume(parts, path, config, cfg, device))
+    if cfg.init_from and init_from(parts, cfg.init_from, path, rank):
+        log(dict(unet=k, step=0, event=f"initialised from {cfg.init_from}"))
     saved_step, bad_steps, shown = state["step"], 0, {}
     tuner = ThreadTuner.for_run(cfg.threads, device)
     sampler = data.EpochSampler(len(train_set), cfg.seed, state["position"], rank, world)
@@ -305,6 +307,21 @@ def resume(parts, path, config, cfg, device):
     parts.scaler.load_state_dict(s["scaler"])
     return {key: s[key] for key in ("step", "position", "elapsed", "skipped")} | dict(
         data_digest=s.get("data_digest", ""))
+
+
+def init_from(parts, source, path, rank):
+    """Stage k's U-Net and EMA from the source's stage k weights (its EMA's where stored) -> whether it did: a
+    checkpoint at `path` resumes instead. A one-line ValueError where the source has no stage k or other shapes."""
+    if os.path.exists(path):
+        if rank == 0:
+            print(f"note: unet{parts.k} resumes from {path}; --init-from applies only to a stage without a checkpoint")
+        return False
+    _, weights, _ = imagen.load_weights(source)
+    if parts.k not in weights:
+        raise ValueError(f"--init-from {source!r} has no trained U-Net {parts.k} (it has U-Nets {sorted(weights)})")
+    imagen.load_unet(parts.stage.unet, weights[parts.k], f"--init-from {source!r} U-Net {parts.k}")
+    parts.ema.module.load_state_dict(weights[parts.k])
+    return True
 
 
 def settings_changed(old, cfg, k, path):
@@ -442,12 +459,13 @@ class Tracker:
         try:
             module = importlib.import_module("wandb" if kind == "wandb" else "torch.utils.tensorboard")
         except ImportError as e:
-            install = f'pip install -e ".[{kind}]"'
-            raise ValueError(f"--tracker {kind} needs {kind}: {install} ({imagen.first_line(e)})") from None
+            raise ValueError(f'--tracker {kind}: pip install -e ".[{kind}]" ({imagen.first_line(e)})') from None
         if kind == "wandb":
             self.image, self.run = module.Image, module.init(project="nanoimagen", dir=out, config=settings)
+            self.close = self.run.finish  # W&B writes the run's summary only then
         else:
             self.writer = module.SummaryWriter(os.path.join(out, "tensorboard"))
+            self.close = self.writer.close
 
     def __call__(self, record):
         k, step, grid = record["unet"], record.get("step"), record["path"] if record.get("event") == "grid" else None
@@ -463,12 +481,6 @@ class Tracker:
             pixels = np.asarray(Image.open(grid).convert("RGB"))  # [h, w, 3]
             self.writer.add_image(f"unet{k}/samples", pixels, step, dataformats="HWC")
         self.writer.flush()
-
-    def close(self):
-        if self.kind == "wandb":
-            self.run.finish()
-        else:
-            self.writer.close()
 
 
 def end_run(rank, message, status):
@@ -535,7 +547,7 @@ def train(cfg):
             log(dict(unet=parts.k, event="grid", path=path,
                      prompts=write_grid(cascade, parts, cache, path, heldout, cfg.only_unet)))
             print(f"checkpoints in {cfg.out}/, samples in {path}")
-    finally:  # also when a signal stops the run: W&B writes its summary only then
+    finally:  # also when a signal stops the run
         if track:
             track.close()
     if world > 1:

@@ -18,6 +18,7 @@ import sample
 import settings
 import train as train_module
 from test_cli import read_log, run, sampled, train
+from test_train import parts_for
 
 
 def test_tensorboard_gets_every_logged_number_and_the_sample_grid(tmp_path, cache_dir):
@@ -47,7 +48,7 @@ def test_wandb_offline_writes_its_run_folder_with_the_logged_numbers_and_the_gri
 
 def test_a_tracker_that_is_not_installed_is_one_line_naming_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
-    with pytest.raises(ValueError, match=r'--tracker wandb needs wandb: pip install -e "\.\[wandb\]"'):
+    with pytest.raises(ValueError, match=r'--tracker wandb: pip install -e "\.\[wandb\]"'):
         train_module.Tracker("wandb", str(tmp_path), {})
 
 
@@ -154,3 +155,33 @@ def test_a_broken_exported_folder_is_one_line_naming_the_file(tmp_path, cascade,
     with pytest.raises(ValueError, match=re.escape(needle.format(folder=folder))) as e:
         imagen.load_cascade(str(folder))
     assert "\n" not in str(e.value)
+
+
+def test_init_from_a_trained_run_starts_at_its_ema_weights_with_a_fresh_optimizer(trained, tmp_path):
+    cfg, _, parts = parts_for("--init-from", str(trained), "--out", str(tmp_path))
+    assert train_module.init_from(parts, cfg.init_from, imagen.checkpoint_path(tmp_path, 0), rank=0)
+    ema = imagen.load_checkpoint(imagen.checkpoint_path(trained, 0))["ema"]
+    for unet in (parts.stage.unet, parts.ema.module):
+        assert all(torch.equal(t, ema[name]) for name, t in unet.state_dict().items())
+    assert parts.opt.state_dict()["state"] == {} and parts.ema.n_averaged == 0
+
+
+def test_init_from_trains_a_new_run_and_a_rerun_resumes_it_instead(trained, tmp_path, cache_dir):
+    out = tmp_path / "new"
+    train(out, cache_dir, "--steps", "1", "--init-from", str(trained), "--lr", "1e-3")
+    state = imagen.load_checkpoint(imagen.checkpoint_path(out, 1))
+    assert state["step"] == 1 and state["optimizer"]["state"][0]["step"] == 1 and state["settings"]["lr"] == 1e-3
+    assert [r["event"] for r in read_log(out) if r.get("event", "").startswith("init")] == [
+        f"initialised from {trained}"] * 2
+    proc = train(out, cache_dir, "--steps", "2", "--init-from", str(trained), "--lr", "1e-3")
+    assert "note: unet0 resumes from" in proc.stdout and imagen.load_checkpoint(out / "unet0.pt")["step"] == 2
+
+
+def test_init_from_a_stage_of_other_shapes_or_none_is_one_line_naming_it(trained, tmp_path):
+    cfg, _, parts = parts_for("--unets", "base-tiny,super-test", "--init-from", str(trained))
+    with pytest.raises(ValueError, match=re.escape(f"--init-from {str(trained)!r} U-Net 0 does not fit its U-Net (")):
+        train_module.init_from(parts, cfg.init_from, imagen.checkpoint_path(tmp_path, 0), rank=0)
+    cfg, _, parts = parts_for("--unets", "base-test,super-test,super-test", "--sizes", "16,32,64", "--init-from",
+                              str(trained), k=2)
+    with pytest.raises(ValueError, match=re.escape("has no trained U-Net 2 (it has U-Nets [0, 1])")):
+        train_module.init_from(parts, cfg.init_from, imagen.checkpoint_path(tmp_path, 2), rank=0)
