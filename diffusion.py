@@ -47,12 +47,17 @@ def _column(values, x):
     return values.view(-1, *[1] * (x.ndim - 1))
 
 
+def _precise(device):
+    """float64 for the schedule's arithmetic; float32 on Apple's mps, which has no float64."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 def _noise_levels(level, batch, device):
     """Noise levels in [0, 1] (a float, or a tensor [batch] drawn in range) as float64 [batch]; a float outside is
     a ValueError (a tensor is not checked: that would wait for the device at every training step)."""
     if not torch.is_tensor(level) and not 0 <= level <= 1:
         raise ValueError(f"noise level must be in [0, 1], got {level}")
-    return torch.as_tensor(level, dtype=torch.float64, device=device).expand(batch)  # [batch]
+    return torch.as_tensor(level, dtype=_precise(device), device=device).expand(batch)  # [batch]
 
 
 class Diffusion(torch.nn.Module):
@@ -187,7 +192,7 @@ class EDM(torch.nn.Module):
 
     def preconditioning(self, sigma, x):
         """c_skip, c_out, c_in (Table 1), each [b, 1, ..., 1]."""
-        sigma, sd2 = _column(sigma.double(), x), self.sigma_data ** 2
+        sigma, sd2 = _column(sigma.to(_precise(x.device)), x), self.sigma_data ** 2
         c_skip = sd2 / (sigma ** 2 + sd2)
         c_out = sigma * self.sigma_data / (sigma ** 2 + sd2).sqrt()
         c_in = 1 / (sigma ** 2 + sd2).sqrt()
