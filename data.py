@@ -8,7 +8,6 @@ Shapes captions follow a fixed grammar (other tools rely on it):
 import contextlib
 import csv
 import io
-import itertools
 import json
 import os
 import re
@@ -31,7 +30,6 @@ SIZE_WORDS = (None, "small", "large")
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "top": (1, -1), "bottom": (1, 1)}  # name -> (axis: 0 = x, 1 = y; sign)
 ON = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
 RELATION = {"left": "to the left of", "right": "to the right of", "top": "above", "bottom": "below"}
-TURNED = {"left": "top", "right": "bottom", "top": "left", "bottom": "right"}  # each direction turned by 90 degrees
 
 # Geometry, in fractions of the image width. r is an object's "radius": the circle's radius, the square's half side
 # over SQUARE_HALF_SIDE, the upright triangle's circumradius over TRIANGLE_CIRCUMRADIUS (similar visual areas).
@@ -155,18 +153,6 @@ def sample_scene(rng):
     if len(caption.objects) == 1:
         return _place_one(rng, *caption.objects[0], caption.direction), caption.text()
     return _place_pair(rng, *caption.objects, caption.direction), caption.text()
-
-
-def two_object_scenes(n, seed, size):
-    """The first n two-object scenes of Shapes(seed=seed): uint8 images [n, 3, size, size] and their Captions."""
-    images, captions = [], []
-    for index in itertools.count():
-        if len(captions) == n:
-            return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), captions
-        scene, caption = sample_scene(np.random.default_rng((seed, index)))
-        if len(scene) == 2:
-            images.append(render(scene, size))
-            captions.append(parse_caption(caption))
 
 
 def shapes_captions(n, seed):

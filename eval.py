@@ -1,14 +1,14 @@
 """Evaluate a cascade: `python eval.py --ckpt out` (shapes) or `python eval.py --ckpt out --data DIR` (any data).
 
 Shapes: samples prompts of the shapes grammar drawn with a seed the training data never used, judges every image
-with the pixel-reading shapes judge (data.judge) and prints JSON colour, shape and position accuracy, seconds per
-image and the base's word-order gaps (word_order_gaps). Other data: the held-out samples that training never read
-(train.py's --holdout, stored in the checkpoint): prints each stage's held-out loss at fixed noise and plots the
-held-out losses that training logged. It also samples every held-out caption and --n-trained training captions once
-and ranks all of the data's pictures by their distance to each sample (retrieval_ranks): recall@1, recall@10 and the
-median rank of the caption's own picture, beside chance; CKPT/trained.png and CKPT/heldout.png show samples beside
-their pictures. --fid, --kid and --clip-score also sample every usable caption once and score the samples against
-all of the data's pictures (FID, KID) or their captions (CLIP score), with torchmetrics (`pip install -e ".[metrics]"`).
+with the pixel-reading shapes judge (data.judge) and prints JSON colour, shape and position accuracy and seconds per
+image. Other data: the held-out samples that training never read (train.py's --holdout, stored in the checkpoint):
+prints each stage's held-out loss at fixed noise and plots the held-out losses that training logged. It also samples
+every held-out caption and --n-trained training captions once and ranks all of the data's pictures by their distance
+to each sample (retrieval_ranks): recall@1, recall@10 and the median rank of the caption's own picture, beside
+chance; CKPT/trained.png and CKPT/heldout.png show samples beside their pictures. --fid, --kid and --clip-score also
+sample every usable caption once and score the samples against all of the data's pictures (FID, KID) or their
+captions (CLIP score), with torchmetrics (`pip install -e ".[metrics]"`).
 """
 import argparse
 import functools
@@ -28,7 +28,6 @@ from sample import add_sampling_args, at_least_one, generate, sampling_setup
 
 EVAL_SEED = 20_251_125  # prompts for evaluation; training draws from the dataset's own per-index seeds
 JUDGE_KEYS = ("color", "shape", "position")  # the verdicts of data.judge
-WORD_ORDER_LEVEL, WORD_ORDER_SCENES = 0.85, 128  # the word-order probe: noise level (fraction of T), scenes
 RETRIEVAL_SIDE = 16  # --data: samples and pictures are compared as RGB images this many pixels wide
 GRID_PAIRS = 32  # --data: samples shown beside their pictures in each grid
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"  # torch-fidelity's weights
@@ -43,28 +42,6 @@ def score(images, prompts):
         votes = [v[key] for v in verdicts if v[key] is not None]
         result[key] = round(sum(votes) / len(votes), 4) if votes else None
     return result
-
-
-@torch.no_grad()
-def word_order_gaps(stage, cache, seed, device):
-    """How much worse the base denoises held-out two-object scenes at one high noise level when the caption's objects
-    trade places ("order") or its relation turns 90 degrees ("axis"): the relative increase of the x0 error. 0 means
-    the U-Net ignores that part of the caption; a U-Net that places both objects right needs both above 0."""
-    images, captions = data.two_object_scenes(WORD_ORDER_SCENES, seed, stage.size)
-    x0, d = data.to_signed(images.to(device)), stage.diffusion  # [n, 3, s, s]
-    t = d.time_for_noise_level(WORD_ORDER_LEVEL, len(x0), device)  # [n]
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(device)
-    xt = d.q_sample(x0, t, noise)
-
-    def x0_error(captions):
-        emb, mask = (x.to(device) for x in cache([c.text() for c in captions]))
-        out = stage.unet(d.model_input(xt, t), d.model_time(t), emb, mask).float()
-        return (d.x0_eps_from_output(out, xt, t, stage.settings["target"])[0] - x0).pow(2).mean().item()
-
-    true = x0_error(captions)
-    swapped = x0_error([c._replace(objects=c.objects[::-1]) for c in captions])
-    turned = x0_error([c._replace(direction=data.TURNED[c.direction]) for c in captions])
-    return dict(order=round(swapped / true - 1, 4), axis=round(turned / true - 1, 4))
 
 
 def plot_losses(log_path, png_path, width=640, panel=220, pad=44):
@@ -243,7 +220,7 @@ def eval_fidelity(dataset, sample, *, fid, kid, weights, clip_model, device):
 
 
 def eval_shapes(cascade, cache, sample, *, n, prompt_seed, grid, device):
-    """JSON result without --data: judge scores of n shapes prompts, seconds per image, the word-order gaps."""
+    """JSON result without --data: judge scores of n shapes prompts and seconds per image."""
     prompts = data.shapes_captions(n, seed=prompt_seed)
     cache(prompts)  # encode misses now, so the timing below is sampling alone
     start = time.perf_counter()
@@ -252,8 +229,7 @@ def eval_shapes(cascade, cache, sample, *, n, prompt_seed, grid, device):
     if grid:
         imagen.save_grid(images, grid, nrow=12)
     return dict(score(images, prompts), n=n, seconds_per_image=round(seconds / n, 4), size=images.shape[-1],
-                threads=torch.get_num_threads(),
-                word_order_gap=word_order_gaps(cascade.stages[0], cache, prompt_seed, device))
+                threads=torch.get_num_threads())
 
 
 def main(argv=None):
