@@ -175,9 +175,11 @@ RECIPES = Registry("recipe", {
     # loss, the middle quarter of its steps) is where it learns which object goes where (docs/experiments.md).
     "shapes": dict(unets=["base-tiny", "super-small"], data="shapes", steps=[3200, 1500], lr=1e-3, warmup=100,
                    ema_decay=0.995, layout_phase=["0.5:0.75", "0"], layout_level=0.95, cond_scale=[3.0, 1.0]),
-    # Your own captioned folder on a 2-core CPU: 32 -> 64 px.
+    # Your own captioned folder on a 2-core CPU: 32 -> 64 px; the learning rate decays to 0.1x over the budget, and
+    # the base's high-noise phase is what makes it draw a caption's own picture (docs/experiments.md, real data)
     "real-cpu": dict(unets=["real-base-small", "real-super-small"], steps=[4000, 1200], lr=1e-3, warmup=100,
-                     ema_decay=0.995, layout_phase=["0.5:0.75", "0"], layout_level=0.95, cond_scale=[3.0, 1.0]),
+                     lr_final=0.1, ema_decay=0.995, layout_phase=["0.5:0.75", "0"], layout_level=0.95,
+                     cond_scale=[3.0, 1.0]),
     # Your own captioned folder on one 80 GB GPU: 64 -> 256 px in bf16, the SR stage on 64 px crops (Imagen App. F).
     "real-gpu": dict(unets=["base64", "super256"], steps=[200_000, 100_000], batch_size=[64, 32], lr=1e-4,
                      warmup=5000, ema_decay=0.9999, precision=["bf16"], crop=[0, 64], workers=8,
