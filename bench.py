@@ -1,10 +1,11 @@
 """Benchmark the cascade on this machine: `python bench.py --ckpt out` prints markdown tables and writes JSON.
 
 train: images/s, peak memory and model FLOP utilisation of a training step per stage (fp32/bf16 x channels_last x
-compile; cached text vs minilm each step). presets: parameters, GFLOP per image and training memory of every U-Net
-preset. profile: the top operators of each stage's training step (torch.profiler). sample: seconds per image and eval
-scores per sampler, against ancestral DDPM over all T steps. threads: seconds per training step at each CPU thread
-count and at train.py's --threads auto, on an idle machine and with one core kept busy. Speed is measured here, never in tests.
+compile; cached text vs minilm each step). loop: a real train.py run's loop beside its isolated step, its wall clock
+split by part. presets: parameters, GFLOP per image and training memory of every U-Net preset. profile: the top
+operators of each stage's training step (torch.profiler). sample: seconds per image and eval scores per sampler,
+against ancestral DDPM over all T steps. threads: seconds per training step at each CPU thread count and at
+train.py's --threads auto, on an idle machine and with one core kept busy. Speed is measured here, never in tests.
 """
 import argparse
 import contextlib
