@@ -176,19 +176,22 @@ def inception_distance(metric, real, fake, batch=64):
     return metric.compute()
 
 
-def frechet_inception_distance(real, fake, weights, device):
-    """FID (Heusel et al. 2017) over torch-fidelity's InceptionV3 pool features, its weights the file `weights`."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    metric = FrechetInceptionDistance(feature_extractor_weights_path=weights)
-    return round(inception_distance(metric.to(device), real, fake).item(), 4)
-
-
-def kernel_inception_distance(real, fake, weights, device):
-    """KID (Bińkowski et al. 2018): unbiased, so fit for small sets; (mean, std) over 100 seeded subsets."""
+def inception(weights):
+    """torch-fidelity's InceptionV3 pool features (what FID and KID compare), its weights the file `weights`."""
     from torchmetrics.image.fid import NoTrainInceptionV3
+    return NoTrainInceptionV3("inception-v3-compat", ["2048"], weights)
+
+
+def frechet_inception_distance(real, fake, features, device):
+    """FID (Heusel et al. 2017) of uint8 image sets under the feature network `features` (`inception`)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    return round(inception_distance(FrechetInceptionDistance(feature=features).to(device), real, fake).item(), 4)
+
+
+def kernel_inception_distance(real, fake, features, device):
+    """KID (Bińkowski et al. 2018): unbiased, so fit for small sets; (mean, std) over 100 seeded subsets."""
     from torchmetrics.image.kid import KernelInceptionDistance
-    inception = NoTrainInceptionV3("inception-v3-compat", ["2048"], weights)  # KID takes no weights path: a module
-    metric = KernelInceptionDistance(feature=inception, subset_size=min(1000, len(real), len(fake)))
+    metric = KernelInceptionDistance(feature=features, subset_size=min(1000, len(real), len(fake)))
     with torch.random.fork_rng(devices=[]):  # the subsets: torch.randperm on the CPU generator
         torch.manual_seed(EVAL_SEED)
         return tuple(round(x.item(), 6) for x in inception_distance(metric.to(device), real, fake))
@@ -213,9 +216,10 @@ def eval_fidelity(dataset, sample, *, fid, kid, weights, clip_model, device):
     fake = (sample(captions) * 255).round().to(torch.uint8)
     if fid and len(fake) < 2000:
         print(f"warning: FID of {len(fake)} (< 2,000) samples is biased upward and noisy: read KID", file=sys.stderr)
+    features = inception(weights) if fid or kid else None
     return dict(n_samples=len(fake), n_real=len(real),
-                fid=frechet_inception_distance(real, fake, weights, device) if fid else None,
-                kid=kernel_inception_distance(real, fake, weights, device) if kid else None,
+                fid=frechet_inception_distance(real, fake, features, device) if fid else None,
+                kid=kernel_inception_distance(real, fake, features, device) if kid else None,
                 clip_score=clip_score(fake, captions, clip_model, device) if clip_model else None)
 
 
