@@ -10,7 +10,6 @@ train.py's --threads auto, on an idle machine and with one core kept busy. Speed
 import argparse
 import contextlib
 import cProfile
-import dataclasses
 import itertools
 import json
 import multiprocessing
@@ -240,8 +239,8 @@ def loop_case(case):
     into the optimizer step and LOOP_PARTS; the loop is train_stage less its setup (build_parts, resume)."""
     args, k = case
     with tempfile.TemporaryDirectory() as out:
-        cfg = bench_config(args, out=out, only_unet=k, **({"data": args.data} if args.data else {}))
-        cfg = dataclasses.replace(cfg, steps=tuple(args.loop_steps for _ in cfg.steps))
+        cfg = bench_config(args, out=out, only_unet=k, steps=[args.loop_steps],
+                           **({"data": args.data} if args.data else {}))
         profiler = cProfile.Profile()
         profiler.runcall(train.train, cfg)
     stats = pstats.Stats(profiler).stats
