@@ -2,10 +2,8 @@
 
 train: images/s, peak memory and model FLOP utilisation of a training step per stage (fp32/bf16 x channels_last x
 compile; cached text vs minilm each step). loop: a real train.py run's loop beside its isolated step, its wall clock
-split by part. presets: parameters, GFLOP per image and training memory of every U-Net preset. profile: the top
-operators of each stage's training step (torch.profiler). sample: seconds per image and eval scores per sampler,
-against ancestral DDPM over all T steps. threads: seconds per training step at each CPU thread count and at
-train.py's --threads auto, on an idle machine and with one core kept busy. Speed is measured here, never in tests.
+split by part. presets: parameters, GFLOP per image and training memory of every U-Net preset. sample: seconds per
+image and eval scores per sampler, against ancestral DDPM over all T steps. Speed is measured here, never in tests.
 """
 import argparse
 import contextlib
@@ -16,14 +14,11 @@ import multiprocessing
 import os
 import platform
 import pstats
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 import data
 import imagen
@@ -35,7 +30,6 @@ from settings import COMPILE_MODES, DEFAULTS, cascade_config, resolve
 from eval import EVAL_SEED, score
 
 WARMUP = 2  # untimed steps first: allocator warm-up, and torch.compile's compilation
-PROFILE_TOP = 12  # operators listed per stage in the profile section
 MATMUL_N = 4096  # the side of the torch.mm whose FLOP/s is the measured peak
 DATASHEET_TFLOPS = dict(H100=dict(bf16=989, fp32=67), H200=dict(bf16=989, fp32=67),  # dense, NVIDIA's datasheets
                         A100=dict(bf16=312, fp32=19.5))
@@ -44,7 +38,7 @@ DATASHEET_TFLOPS = dict(H100=dict(bf16=989, fp32=67), H200=dict(bf16=989, fp32=6
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--sections", default="train,profile,sample", help="comma list of: " + ", ".join(SECTIONS))
+    a("--sections", default="train,loop,sample", help="comma list of: " + ", ".join(SECTIONS))
     a("--recipe", default="shapes", help="train: the recipe whose cascade is measured: " + ", ".join(
         registry.RECIPES.names()))
     a("--presets", default=None, help="train: U-Net presets instead of the recipe's, as train.py --unets")
@@ -59,7 +53,6 @@ def parse_args(argv=None):
     a("--n-eval", type=int, default=96, help="sample: eval prompts per sampler at its default steps")
     a("--ref-eval-n", type=int, default=24, help="sample: prompts for the slow all-T-steps ddpm reference")
     a("--sample-batch-size", type=int, default=24, help="sample: images sampled at once, the same for every run")
-    a("--thread-steps", type=int, default=30, help="threads: timed steps per row (auto's first rounds included)")
     a("--cache-dir", default=DEFAULTS.cache_dir, help="text-embedding cache folder (as train.py)")
     a("--device", default="auto", type=registry.device_flag, help="auto (cuda, then mps, then cpu), cuda, mps, cpu")
     a("--json", default="bench.json", help="write the results here")
@@ -141,22 +134,6 @@ def train_case(case):
                 images_per_s=round(args.steps * b / elapsed, 2), peak_mib=round(mib, 1))
 
 
-def profile_case(case):
-    """The PROFILE_TOP operators by self time in train.py's default training step of stage k (torch.profiler)."""
-    args, k = case
-    parts, stream, cfg = parts_and_batches(args, k)
-    run_steps(parts, stream, WARMUP, cfg)
-    cuda = args.device.startswith("cuda")
-    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
-        run_steps(parts, stream, args.steps, cfg)
-    self_us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
-    events = sorted(prof.key_averages(), key=self_us, reverse=True)
-    total = sum(map(self_us, events))
-    return [dict(stage=f"unet{k} {cfg.unets[k]}", op=e.key, calls_per_step=e.count // args.steps,
-                 ms_per_step=round(self_us(e) / 1e3 / args.steps, 2), share=round(self_us(e) / total, 3))
-            for e in events[:PROFILE_TOP]]
-
-
 def bench_train(args):
     """Rows of every (stage, precision, channels_last, compile) with cached text, then minilm-each-step at train.py's
     defaults, uncompiled and compiled."""
@@ -208,15 +185,9 @@ def bench_presets(args):
 
 
 def in_fresh_processes(fn, cases):
-    """[fn(case) for case in cases], each in a new process: its own peak memory, compile caches and profiler."""
+    """[fn(case) for case in cases], each in a new process: its own peak memory and compile caches."""
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
         return pool.map(fn, cases, chunksize=1)
-
-
-def bench_profile(args):
-    """Rows: the top operators of each stage's training step at train.py's defaults."""
-    return [row for rows in in_fresh_processes(profile_case, [(args, k) for k in range(len(bench_config(args).unets))])
-            for row in rows]
 
 
 # ---- loop: where a real train.py run's wall clock goes, against its isolated step ----
@@ -235,28 +206,31 @@ def called_from(stats, name, caller):
 
 
 def loop_case(case):
-    """Rows: stage k's loop in a real train.py run of --loop-steps (cProfile): images/s, and its wall clock split
-    into the optimizer step and LOOP_PARTS; the loop is train_stage less its setup (build_parts, resume)."""
+    """Rows: stage k's loop in a real train.py run of --loop-steps: images/s from the run's own wall clock of the loop
+    (first step to last save), then its share by part in a second run under cProfile, which slows Python's calls:
+    the optimizer step, LOOP_PARTS and the rest. The loop is train_stage less its setup (build_parts, resume)."""
     args, k = case
+    overrides = dict(only_unet=k, steps=[args.loop_steps], **({"data": args.data} if args.data else {}))
     with tempfile.TemporaryDirectory() as out:
-        cfg = bench_config(args, out=out, only_unet=k, steps=[args.loop_steps],
-                           **({"data": args.data} if args.data else {}))
+        cfg = bench_config(args, out=out, **overrides)
+        train.train(cfg)
+        done = next(r for r in map(json.loads, open(os.path.join(out, "log.jsonl"))) if r.get("event") == "done")
+    with tempfile.TemporaryDirectory() as out:
         profiler = cProfile.Profile()
-        profiler.runcall(train.train, cfg)
+        profiler.runcall(train.train, bench_config(args, out=out, **overrides))
     stats = pstats.Stats(profiler).stats
     loop = called_from(stats, "train_stage", "train") - sum(
         called_from(stats, name, "train_stage") for name in ("build_parts", "resume"))
     parts = {part: sum(called_from(stats, *call) for call in calls) for part, calls in LOOP_PARTS.items()}
     parts = dict(optimizer_step=called_from(stats, "optimizer_step", "train_stage") - parts["ema"], **parts)
     parts["other"] = loop - sum(parts.values())
-    stage = f"unet{k} {cfg.unets[k]}"
-    return [dict(stage=stage, part="loop", images_per_s=round(args.loop_steps * cfg.batch_size[k] / loop, 2))] + [
+    stage, images = f"unet{k} {cfg.unets[k]}", args.loop_steps * cfg.batch_size[k]
+    return [dict(stage=stage, part="loop", images_per_s=round(images / (60 * done["wall_minutes"]), 2))] + [
         dict(stage=stage, part=part, seconds=round(v, 2), share=round(v / loop, 3)) for part, v in parts.items()]
 
 
 def bench_loop(args):
-    """Rows: each stage's isolated step (as the train section, at the recipe's precision and layout) beside its
-    loop in a real run, and the loop's time by part."""
+    """Rows: each stage's isolated step (as in the train section, at the recipe's settings), its loop, and by part."""
     cfg = bench_config(args)
     rows = []
     for k in range(len(cfg.unets)):
@@ -295,37 +269,6 @@ def bench_sample(args):
              run("reference", args.ref_eval_n, "ddpm", all_t)])
 
 
-# ---- threads: train.py's ThreadTuner against fixed thread counts, idle and beside a busy core ----
-
-def threads_case(case):
-    """Seconds per training step of stage k at `threads` (a count or auto), with another program busy or not."""
-    args, k, busy, threads = case
-    args = argparse.Namespace(**{**vars(args), "steps": args.thread_steps})  # batches for every timed step
-    parts, stream, cfg = parts_and_batches(args, k)
-    tuner = train.ThreadTuner.for_run(threads, torch.device(args.device))
-    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None  # another user program
-    try:
-        run_steps(parts, stream, WARMUP, cfg)
-        seconds = 0.0
-        for step in range(args.thread_steps):
-            count, start = tuner.choose(step), time.perf_counter()
-            run_steps(parts, stream, 1, cfg)
-            tuner.record(count, time.perf_counter() - start)
-            seconds += time.perf_counter() - start
-    finally:
-        if hog:
-            hog.kill()
-    return dict(stage=f"unet{k} {cfg.unets[k]}", load="one core busy" if busy else "idle",
-                threads=threads, s_per_step=round(seconds / args.thread_steps, 3))
-
-
-def bench_threads(args):
-    """Rows of every (stage, load, thread count or auto) of train.py's default cascade."""
-    counts = [str(n) for n in train.ThreadTuner.for_run("auto", torch.device("cpu")).options] + ["auto"]
-    return in_fresh_processes(threads_case, [(args, k, busy, threads) for k in range(len(bench_config(args).unets))
-                                             for busy in (False, True) for threads in counts])
-
-
 # ---- report ----
 
 def machine(args):
@@ -345,8 +288,7 @@ def markdown(rows):
     return "\n".join(lines + ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows])
 
 
-SECTIONS = dict(train=bench_train, loop=bench_loop, presets=bench_presets, profile=bench_profile, sample=bench_sample,
-                threads=bench_threads)
+SECTIONS = dict(train=bench_train, loop=bench_loop, presets=bench_presets, sample=bench_sample)
 
 
 def main(argv=None):

@@ -80,9 +80,7 @@ class Diffusion(torch.nn.Module):
             alphas_cumprod=alphas_cumprod,
             sqrt_alphas_cumprod=alphas_cumprod.sqrt(),
             sqrt_one_minus_alphas_cumprod=(1 - alphas_cumprod).sqrt(),
-            posterior_variance=posterior_variance,
-            # The variance is 0 at t = 0; clipped as in Ho et al.'s code.
-            posterior_log_variance_clipped=posterior_variance.clamp(min=1e-20).log(),
+            posterior_variance=posterior_variance,  # 0 at t = 0: the last step lands on x0
             posterior_mean_coef1=alphas_cumprod_prev.sqrt() * betas / (1 - alphas_cumprod),  # Ho et al. 2020, Eq. 7
             posterior_mean_coef2=(1 - betas).sqrt() * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod),
         )
@@ -119,9 +117,9 @@ class Diffusion(torch.nn.Module):
         return eps if target == "eps" else x0
 
     def posterior(self, x0, xt, t):
-        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x0) (Ho et al. 2020, Eq. 6-7)."""
+        """Mean and variance of q(x_{t-1} | x_t, x0) (Ho et al. 2020, Eq. 6-7)."""
         mean = _column(self.posterior_mean_coef1[t], xt) * x0 + _column(self.posterior_mean_coef2[t], xt) * xt
-        return mean, _column(self.posterior_variance[t], xt), _column(self.posterior_log_variance_clipped[t], xt)
+        return mean, _column(self.posterior_variance[t], xt)
 
     def snr(self, t):
         """Signal-to-noise ratio alphas_cumprod / (1 - alphas_cumprod) at times t, [b]."""
@@ -367,7 +365,7 @@ def sample_ddpm(denoise, x, diffusion, steps, *, target, threshold=dynamic_thres
 
     def step(x, i):
         x0, t_batch = _predict_x0(denoise, x, diffusion, timesteps[i], target, threshold)
-        mean, variance, _ = chain.posterior(x0, x, torch.full_like(t_batch, steps - 1 - i))
+        mean, variance = chain.posterior(x0, x, torch.full_like(t_batch, steps - 1 - i))
         return mean + variance.sqrt() * _noise(x, generator)  # variance is 0 on the last step: x = x0
     return _run(step, x, *diffusion.alphas_sigmas(timesteps), edit, generator)
 

@@ -1,14 +1,8 @@
 """Evaluate a cascade: `python eval.py --ckpt out` (shapes) or `python eval.py --ckpt out --data DIR` (any data).
 
-Shapes: samples prompts of the shapes grammar drawn with a seed the training data never used, judges every image
-with the pixel-reading shapes judge (data.judge) and prints JSON colour, shape and position accuracy and seconds per
-image. Other data: the held-out samples that training never read (train.py's --holdout, stored in the checkpoint):
-prints each stage's held-out loss at fixed noise and plots the held-out losses that training logged. It also samples
-every held-out caption and --n-trained training captions once and ranks all of the data's pictures by their distance
-to each sample (retrieval_ranks): recall@1, recall@10 and the median rank of the caption's own picture, beside
-chance; CKPT/trained.png and CKPT/heldout.png show samples beside their pictures. --fid, --kid and --clip-score also
-sample every usable caption once and score the samples against all of the data's pictures (FID, KID) or their
-captions (CLIP score), with torchmetrics (`pip install -e ".[metrics]"`).
+Shapes: the pixel judge's colour, shape and position accuracy on prompts training never drew (eval_shapes). Other
+data: the held-out loss per stage, and how often a sample ranks its caption's own picture first among all of the
+data's (eval_data); --fid, --kid and --clip-score add torchmetrics' metrics (`pip install -e ".[metrics]"`).
 """
 import argparse
 import functools

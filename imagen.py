@@ -6,6 +6,7 @@ output (Imagen, arXiv 2205.11487 §2.4). Images are in [-1, 1] inside, [0, 1] at
 """
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import pickle
@@ -31,8 +32,7 @@ STAGE_DEFAULTS = dict(
 )
 # Sampling defaults, overridable on every command line; per-stage lists where stages differ.
 SAMPLING_DEFAULTS = dict(
-    # ancestral ddpm over 20 respaced steps: on 1,536 eval prompts per machine (CPU, H200) it matched dpmpp-2m on
-    # colour and position and got 0.009-0.020 more shapes right (docs/experiments.md)
+    # ancestral ddpm over 20 respaced steps: as good as dpmpp-2m, slightly better on shapes (docs/experiments.md)
     # static thresholding: on white-background data, dynamic thresholding's division by s greys the background
     sampler="ddpm", steps=20, cond_scale=3.0, lowres_noise=0.2, threshold="static", threshold_p=0.995,
 )
@@ -372,16 +372,9 @@ def read_safetensors(path):
         raise ValueError(f"cannot load {path}: {first_line(e)}") from None
 
 
-def export_weights(cascade, trained, path):
-    """Write stages 0..trained-1's U-Net weights (as loaded: EMA by default) and the config to a .safetensors file."""
-    from safetensors.torch import save_file
-    tensors = {f"{k}.{name}": t.contiguous() for k in range(trained)
-               for name, t in cascade.stages[k].unet.state_dict().items()}
-    data.write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=dict(config=json.dumps(cascade.config))))
-
-
 def load_exported(path):
-    """(config, {stage: U-Net weights}, no history) of a file written by export_weights."""
+    """(config, {stage: U-Net weights}, no history) of a .safetensors file from an earlier sample.py --export FILE:
+    tensors "K.name" (stage K's U-Net tensor `name`), the cascade config as JSON in the metadata's "config"."""
     meta, tensors = read_safetensors(path)
     if "config" not in meta:
         raise ValueError(f"{path} has no cascade config in its metadata; export it with sample.py --export")
@@ -452,7 +445,5 @@ def load_cascade(ckpt, device="cpu", ema=True):
     imagen = Imagen(config).eval()
     for k, w in weights.items():
         load_unet(imagen.stages[k].unet, w, f"{ckpt} U-Net {k}")
-    trained = 0
-    while trained in weights:
-        trained += 1
+    trained = next(k for k in itertools.count() if k not in weights)  # the leading stages with weights
     return imagen.to(device), trained

@@ -132,9 +132,8 @@ UNETS = Registry("unet preset", {
     # Imagen paper sizes (arXiv 2205.11487 App. F; ~1.6B / ~0.7B parameters with 512-d text).
     "Base": BASE,
     "Super": SUPER,
-    # CPU-trainable presets for the shapes recipe (sizes settled by measurement, docs/experiments.md).
+    # CPU-trainable presets for the shapes recipe; its base is BaseTiny, BaseSmall at half the width (docs/).
     "BaseSmall": BASE_SMALL,
-    # BaseSmall at half the width: 1.8x the steps per minute (docs/experiments.md); the shapes recipe's base.
     "BaseTiny": {**BASE_SMALL, "dim": 16},
     "SuperSmall": SUPER_SMALL,
     # Real captioned images (photos, icons): none of the shapes-specific inputs (coordinates, a text convolution),

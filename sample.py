@@ -4,7 +4,7 @@ Writes one PNG per image plus a grid, and prints their paths. Uses the EMA weigh
 Edits a given image with --init-image (SDEdit), --inpaint/--mask (RePaint), or super-resolves one with
 --start-at-unet K --image PATH.
 `python sample.py --ckpt out --export DIR` writes the weights and config of every trained U-Net and a model card
-into a folder for sharing (`--export FILE.safetensors`: one file); `--ckpt DIR` (or a Hub id of it) samples from it.
+into a folder for sharing; `--ckpt DIR` (or a Hub id of it) samples from it.
 """
 import argparse
 import itertools
@@ -40,8 +40,7 @@ def add_sampling_args(p):
     a("--batch-size", type=int, default=64, help="images sampled at once")
     a("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     a("--cache-dir", default=text.DEFAULT_CACHE_DIR, help="text-embedding cache folder")
-    a("--device", default="auto", type=registry.device_flag, help="auto (cuda, then mps, then cpu), cuda, cuda:N, "
-      "mps or cpu")
+    a("--device", default="auto", type=registry.device_flag, help="auto (cuda, then mps, then cpu), cuda:N, mps, cpu")
 
 
 def at_least_one(value, flag):
@@ -188,17 +187,14 @@ def edit_from_args(args, stop_at):
 
 
 def export(args):
-    """Write the --ckpt's trained U-Nets (EMA unless --no-ema) to the --export folder or file; print its path."""
-    if args.export.endswith(".safetensors"):
-        imagen.export_weights(*imagen.load_cascade(args.ckpt, ema=not args.no_ema), args.export)
-    else:
-        config, weights, history = imagen.load_weights(args.ckpt, ema=not args.no_ema)
-        stages = list(itertools.takewhile(weights.__contains__, range(len(config["stages"]))))
-        about = dict(trained=[history.get(k, {}) for k in stages], weights="raw" if args.no_ema else "EMA",
-                     eval=eval_scores(args.ckpt))
-        imagen.export_folder(config, {k: weights[k] for k in stages}, args.export, about)
-        with open(os.path.join(args.export, "README.md"), "w") as f:
-            f.write(model_card(config, about))
+    """Write the --ckpt's trained U-Nets (EMA unless --no-ema) to the --export folder; print its path."""
+    config, weights, history = imagen.load_weights(args.ckpt, ema=not args.no_ema)
+    stages = list(itertools.takewhile(weights.__contains__, range(len(config["stages"]))))
+    about = dict(trained=[history.get(k, {}) for k in stages], weights="raw" if args.no_ema else "EMA",
+                 eval=eval_scores(args.ckpt))
+    imagen.export_folder(config, {k: weights[k] for k in stages}, args.export, about)
+    with open(os.path.join(args.export, "README.md"), "w") as f:
+        f.write(model_card(config, about))
     print(args.export)
 
 
@@ -251,9 +247,9 @@ def main(argv=None):
     p.add_argument("--prompts", default=None, help="a text file with one prompt per line")
     p.add_argument("--n-per-prompt", type=int, default=1, help="images per prompt")
     p.add_argument("--out", default="samples", help="output folder")
-    p.add_argument("--export", default=None, metavar="DIR|FILE.safetensors", help="instead of sampling, write the "
-                   "weights (EMA unless --no-ema) and config of every trained U-Net to a folder that --ckpt loads "
-                   "(config.json, unetK.safetensors, a README.md model card), or to one .safetensors file")
+    p.add_argument("--export", default=None, metavar="DIR", help="instead of sampling, write the weights (EMA unless "
+                   "--no-ema) and config of every trained U-Net to a folder that --ckpt loads (config.json, "
+                   "unetK.safetensors, a README.md model card)")
     args = p.parse_args(argv)
     try:
         if args.export:

@@ -40,8 +40,7 @@ class Config:
     ema_decay: float = setting(0.9999, "EMA decay, warmed up as min(decay, (1 + n) / (10 + n))")
     precision: tuple = setting(("fp32",), "autocast precision per U-Net: fp32, bf16 or fp16")
     channels_last: tuple = setting((1,), "channels_last memory format per U-Net: 1 or 0")
-    checkpointing: tuple = setting((0,), "activation checkpointing per U-Net: 1 recomputes each level's activations "
-                                   "in the backward pass instead of keeping them (less memory, more compute)")
+    checkpointing: tuple = setting((0,), "activation checkpointing per U-Net: 1 (less memory, more compute) or 0")
     family: tuple = setting(("ddpm",), "diffusion family per U-Net: " + ", ".join(registry.FAMILIES.names()))
     target: tuple = setting((), "prediction target per U-Net: eps, x0 or v for ddpm (default v); edm for edm")
     schedule: tuple = setting(("cosine",), "noise schedule per U-Net: " + ", ".join(registry.SCHEDULES.names()))
@@ -50,9 +49,8 @@ class Config:
     cond_drop_prob: float = setting(0.1, "probability of dropping the text (classifier-free guidance)")
     crop: tuple = setting((), "SR U-Nets train on random crops of this side and sample whole images (Imagen App. "
                           "F); 0 = whole images, the base takes 0 (default: half of each SR size)")
-    layout_phase: tuple = setting(("0",), "START:END per U-Net, fractions of its steps trained only at noise "
-                                  "levels from --layout-level to 1 with a plain x0 loss (where the layout is "
-                                  "decided); 0: none")
+    layout_phase: tuple = setting(("0",), "START:END per U-Net: the fractions of its steps trained on an x0 loss at "
+                                  "noise levels from --layout-level to 1 only (where layouts form); 0: none")
     layout_level: float = setting(0.95, "lowest noise level of the layout phase, in [0, 1)")
     hflip: bool = setting(False, "random horizontal flips, seeded by the sample's position (break 'left'/'right')")
     holdout: float = setting(0.02, "samples never trained on: a count, or a fraction below 1")

@@ -4,7 +4,6 @@ An encoder is named by a spec, the plain dict `resolve` returns: dict(name, sour
 Hugging Face id or a local folder and dim is its embedding width (None: read from the model's config).
 transformers is imported inside the functions that need it, so `import text` stays cheap.
 """
-import argparse
 import contextlib
 import functools
 import hashlib
@@ -203,37 +202,3 @@ class EmbeddingCache:
         write_atomically(self.dir / f"{stem}.json", lambda tmp: tmp.write_text(json.dumps(index)))
         self._read_shard(stem)
 
-
-def main():
-    """CLI: precompute the embedding cache of a dataset's captions (or of a caption file) before training."""
-    import data  # only the CLI reads datasets and resolves short names; the module itself imports neither
-    import registry
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    a = parser.add_argument
-    a("--data", help="a dataset as train.py takes it: 'shapes', an image-caption folder or .tar shards")
-    a("--captions", help="a text file, one caption per line (instead of --data)")
-    a("--encoder", default="minilm", help="registered name, Hugging Face id or model folder")
-    a("--unets", default=",".join(registry.RECIPES["shapes"]["unets"]),
-      help="the presets you will train: the cache uses their text length")
-    a("--max-length", type=int, default=None, help="text length in tokens (default: the longest of --unets)")
-    a("--cache-dir", default=DEFAULT_CACHE_DIR, help="cache root folder, as train.py's --cache-dir")
-    a("--batch-size", type=int, default=256)
-    a("--device", default="auto", type=registry.device_flag, help="auto (cuda, then mps, then cpu), cuda, mps, cpu")
-    a("--encoder-dtype", default="fp32", choices=list(DTYPES), help="encoder weights' precision (bf16: GPU, T5)")
-    args = parser.parse_args()
-    try:
-        if (args.data is None) == (args.captions is None):
-            raise ValueError("give exactly one of --data DATASET and --captions FILE")
-        spec = resolve(args.encoder, registry.ENCODERS)
-        max_length = args.max_length or max(registry.UNETS[name]["max_text_len"] for name in args.unets.split(","))
-        captions = (Path(args.captions).read_text().splitlines() if args.captions
-                    else data.make_dataset(args.data, 64).captions())
-    except (ValueError, OSError) as e:
-        raise SystemExit(f"error: {e}")
-    cache = EmbeddingCache(args.cache_dir, spec, max_length, args.device, args.encoder_dtype)
-    encoded = cache.precompute(captions, args.batch_size, progress=True)
-    print(f"encoded {encoded} new captions into {cache.dir}")
-
-
-if __name__ == "__main__":
-    main()

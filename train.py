@@ -39,7 +39,7 @@ from settings import PER_STAGE, SAME_ON_RESUME, cascade_config, layout_window, p
 GRID_PROMPTS, HELDOUT_N = 8, 64  # images in a sample grid; held-out samples whose loss is logged
 MAX_UNUSABLE = 1000  # consecutive unusable samples (unreadable image or no caption) before training stops
 MAX_BAD_STEPS = 10  # consecutive non-finite losses before training stops
-TUNE_EVERY, TUNE_STEPS = 200, 3  # CPU thread counts are re-timed every TUNE_EVERY steps, TUNE_STEPS steps each
+TUNE_EVERY, TUNE_STEPS = 500, 3  # CPU thread counts are re-timed every TUNE_EVERY steps, TUNE_STEPS steps each
 SLOWDOWN = 3  # ... and at once after a step this many times slower than its count's median
 CHECKPOINT_KEYS = ("config", "model", "ema", "ema_n", "optimizer", "scaler", "step", "position", "elapsed", "skipped")
 
@@ -67,8 +67,7 @@ def ema_update(decay):
 
 
 def step_outcome(loss, norm, fp16):
-    """"applied"; "overflow": fp16 gradients overflowed, which GradScaler answers by lowering its scale (not a bad
-    step); "non-finite": a bad step (a non-finite loss, or a non-finite gradient norm without fp16)."""
+    """"applied"; "overflow": fp16 gradients overflowed, and GradScaler lowers its scale; else "non-finite"."""
     if not math.isfinite(loss):
         return "non-finite"
     if math.isfinite(norm):
@@ -118,7 +117,7 @@ def build_parts(cfg, cascade, k, device, world):
     stage = cascade.stages[k].to(device, memory_format=memory_format)
     stage.unet.set_checkpointing(bool(cfg.checkpointing[k]))
     opt = torch.optim.AdamW(stage.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.01,
-                            fused=True)  # one kernel for all parameters: 5x faster than the default loop
+                            fused=True)  # one kernel for all parameters, not a Python loop over them
     ema = AveragedModel(stage.unet, multi_avg_fn=ema_update(cfg.ema_decay), use_buffers=True)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision[k] == "fp16")
     model = DistributedDataParallel(stage) if world > 1 else stage
@@ -129,9 +128,8 @@ def build_parts(cfg, cascade, k, device, world):
 
 
 def optimizer_step(parts, micro_batches, lr, level, world, grad_clip):
-    """One optimizer step over [(images [b,3,s,s] in [-1,1], text embeds, mask)] -> (loss, outcome): "applied",
-    "overflow" (fp16: GradScaler skipped it and lowered its scale) or "non-finite" (skipped, a bad step).
-    Under DDP the loss is the mean over ranks, so every rank reaches the same outcome."""
+    """One optimizer step over [(images [b,3,s,s] in [-1,1], text embeds, mask)] -> (loss, step_outcome). Under DDP
+    the loss is the mean over ranks, so every rank reaches the same outcome."""
     for group in parts.opt.param_groups:
         group["lr"] = lr
     total = 0.0
@@ -206,6 +204,7 @@ def train_stage(cfg, config, cascade, k, train_set, heldout, cache, log, dist_in
         saved_step = state["step"]
 
     bar = tqdm(total=cfg.steps[k], initial=state["step"], desc=f"unet{k} {cfg.unets[k]}", disable=rank != 0)
+    wall_start = time.perf_counter()  # this process's wall clock of the loop: steps, evaluation, saves, logging
     while state["step"] < cfg.steps[k]:
         elapsed, signum = shared_clock_and_signal(state["elapsed"], rank, world, device)
         if signum or cfg.minutes[k] and elapsed >= 60 * cfg.minutes[k]:
@@ -239,7 +238,7 @@ def train_stage(cfg, config, cascade, k, train_set, heldout, cache, log, dist_in
         bad_steps, state["step"] = 0, state["step"] + 1
         step, ips = state["step"], cfg.batch_size[k] * cfg.grad_accum * world / seconds
         bar.update()
-        bar.set_postfix(loss=f"{loss:.4f}", **shown, img_s=f"{ips:.1f}", threads=threads)
+        bar.set_postfix(loss=f"{loss:.4f}", **shown, img_s=f"{ips:.1f}", threads=threads, refresh=False)
         if step % cfg.log_every == 0:
             log(dict(unet=k, step=step, loss=loss, lr=learning_rate(cfg, k, step - 1), layout_level=level,
                      img_per_s=round(ips, 1), threads=threads, skipped=state["skipped"],
@@ -256,6 +255,7 @@ def train_stage(cfg, config, cascade, k, train_set, heldout, cache, log, dist_in
             log(dict(unet=k, step=step, heldout_loss=held, minutes=round(state["elapsed"] / 60, 2)))
     bar.close()
     save()
+    wall_minutes = round((time.perf_counter() - wall_start) / 60, 4)
     if signum:
         name = signal.Signals(signum).name
         log(dict(unet=k, step=state["step"], event=f"stopped by {name}", minutes=round(state["elapsed"] / 60, 2)))
@@ -263,10 +263,10 @@ def train_stage(cfg, config, cascade, k, train_set, heldout, cache, log, dist_in
                 "to resume", 128 + signum)
     held = heldout_loss(parts, heldout, cache, device) if rank == 0 else None
     log(dict(unet=k, step=state["step"], event="done", minutes=round(state["elapsed"] / 60, 2),
-             skipped=state["skipped"], heldout_loss=held))
+             wall_minutes=wall_minutes, skipped=state["skipped"], heldout_loss=held))
     if rank == 0:
-        print(f"unet{k}: {state['step']} of {cfg.steps[k]} steps in {state['elapsed'] / 60:.1f} minutes of training, "
-              f"held-out loss {held:.4f}")
+        print(f"unet{k}: {state['step']} of {cfg.steps[k]} steps in {state['elapsed'] / 60:.1f} minutes of training "
+              f"({wall_minutes:.1f} of wall clock here), held-out loss {held:.4f}")
     parts.stage.unet.load_state_dict(parts.ema.module.state_dict())  # later stages' grids sample its EMA weights
     return parts
 
@@ -383,8 +383,7 @@ class ThreadTuner:
     """Trains at the CPU thread count that runs steps fastest under the machine's current load: a speed-only choice.
     At the start of every TUNE_EVERY steps, and whenever a step runs SLOWDOWN times slower than before, each option
     runs TUNE_STEPS real training steps; the rest use the fastest (median). Every op waits for all of torch's
-    threads: on the 2-core CPU with one core kept busy by another program, a base step took 4x longer on 2 threads
-    than on 1 (docs/experiments.md)."""
+    threads, so a core taken by another program slows every thread count but 1 (docs/experiments.md)."""
 
     def __init__(self, options):
         self.options, self.seconds, self.round = options, {}, -1  # seconds: thread count -> this round's step times

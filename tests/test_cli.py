@@ -11,7 +11,6 @@ import time
 
 import numpy as np
 import pytest
-import safetensors.torch
 import torch
 from PIL import Image
 
@@ -441,18 +440,6 @@ def sampled(ckpt, out, cache_dir):
     proc = run("sample.py", "--ckpt", str(ckpt), "--prompt", "a red circle", "--steps", "2", "--out", str(out),
                "--cache-dir", cache_dir)
     return torch.from_numpy(np.array(Image.open(proc.stdout.split()[0])))
-
-
-def test_export_writes_the_ema_weights_and_samples_like_the_checkpoints(trained, tmp_path, cache_dir):
-    exported = tmp_path / "cascade.safetensors"
-    assert run("sample.py", "--ckpt", str(trained), "--export", str(exported)).stdout.split() == [str(exported)]
-    tensors = safetensors.torch.load_file(exported)
-    for k in (0, 1):
-        state = imagen.load_checkpoint(imagen.checkpoint_path(trained, k))
-        assert any(not torch.equal(state["ema"][name], t) for name, t in state["model"].items())
-        assert all(torch.equal(tensors[f"{k}.{name}"], t) for name, t in state["ema"].items())
-    assert torch.equal(sampled(exported, tmp_path / "from-export", cache_dir),
-                       sampled(trained, tmp_path / "from-folder", cache_dir))
 
 
 def test_sampling_leaves_the_optimizer_state_on_disk(trained, tmp_path):

@@ -15,7 +15,6 @@ import torch
 
 import registry
 import text
-from conftest import captioned_pictures
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*truncated:UserWarning")  # the long caption is on purpose
 REPO = Path(__file__).resolve().parents[1]
@@ -162,28 +161,6 @@ def test_cache_folders_are_per_encoder_and_length_and_filesystem_safe(tiny_t5, t
     folders = {text.EmbeddingCache(tmp_path, spec, n).dir for n in (8, 16)}
     assert len(folders) == 2 and all(folder.parent == tmp_path for folder in folders)
     assert all("/" not in folder.name for folder in folders)
-
-
-def test_cli_precomputes_a_caption_file(tiny_t5, tmp_path, monkeypatch):
-    (tmp_path / "captions.txt").write_text("\n".join(CAPTIONS) + "\n")
-    subprocess.run([sys.executable, "text.py", "--encoder", tiny_t5, "--captions", str(tmp_path / "captions.txt"),
-                    "--cache-dir", str(tmp_path / "cache"), "--max-length", "8"], cwd=REPO, check=True)
-    monkeypatch.setattr(text, "load_encoder", no_encoding)
-    emb, mask = text.EmbeddingCache(tmp_path / "cache", text.resolve(tiny_t5, {}), 8)(CAPTIONS)
-    assert emb.shape == (4, 8, 32) and mask.any(1).all()
-
-
-def test_cli_precomputes_a_dataset_once(tiny_t5, tmp_path, monkeypatch):
-    captions = [f"{w} {v}" for w in WORDS[:5] for v in WORDS[5:9]]  # 20 distinct captions
-    folder = captioned_pictures(tmp_path / "folder", captions)
-    command = [sys.executable, "text.py", "--encoder", tiny_t5, "--data", str(folder), "--cache-dir",
-               str(tmp_path / "cache"), "--unets", "base-test"]
-    first, second = (subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True) for _ in "12")
-    assert "encoded 20 new captions" in first.stdout and "encoded 0 new captions" in second.stdout
-    monkeypatch.setattr(text, "load_encoder", no_encoding)
-    max_len = registry.UNETS["base-test"]["max_text_len"]  # the preset's length, which train.py will ask for
-    emb, mask = text.EmbeddingCache(tmp_path / "cache", text.resolve(tiny_t5, {}), max_len)(captions)
-    assert emb.shape == (20, max_len, 32) and mask.any(1).all()
 
 
 def test_precompute_writes_few_large_shards_and_maps_a_bounded_number(tiny_t5, tmp_path, monkeypatch):
