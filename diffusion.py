@@ -53,7 +53,7 @@ def _precise(device):
 
 
 def _noise_levels(level, batch, device):
-    """Noise levels in [0, 1] (a float, or a tensor [batch] drawn in range) as float64 [batch]; a float outside is
+    """Noise levels in [0, 1] (a float, or a tensor [batch] drawn in range) as _precise [batch]; a float outside is
     a ValueError (a tensor is not checked: that would wait for the device at every training step)."""
     if not torch.is_tensor(level) and not 0 <= level <= 1:
         raise ValueError(f"noise level must be in [0, 1], got {level}")

@@ -124,13 +124,12 @@ def retrieval(dataset, indices, pictures, rows, sample, grid):
     return retrieval_scores(ranks)
 
 
-def eval_data(cascade, stop_at, cache, sample, *, data_spec, n, n_trained, folder, device):
-    """JSON result for --data: held-out losses per stage of the first n held-out samples; retrieval of the pictures
-    of n_trained training captions and of every held-out caption (grids CKPT/trained.png and CKPT/heldout.png);
-    the plot of the held-out losses that training logged. `sample(captions)` draws images [k, 3, s, s] in [0, 1];
-    `folder` holds the checkpoint and its log."""
+def eval_data(cascade, stop_at, cache, sample, *, dataset, data_spec, n, n_trained, folder, device):
+    """JSON result for `dataset` (--data, at the last sampled stage's size): held-out losses per stage of the first n
+    held-out samples; retrieval of the pictures of n_trained training captions and of every held-out caption (grids
+    folder/trained.png, heldout.png); the plot of the held-out losses that training logged in `folder`.
+    `sample(captions)` draws images [k, 3, s, s] in [0, 1]."""
     size = cascade.config["stages"][stop_at - 1]["size"]
-    dataset = data.make_dataset(data_spec, size)
     if isinstance(dataset, data.Shapes):
         raise ValueError("--data shapes: procedural scenes have no fixed pictures to rank; run eval.py without "
                          "--data, which judges the shapes")
@@ -258,10 +257,10 @@ def main(argv=None):
                                    batch_size=args.batch_size, device=args.device)
         if args.data:
             folder = args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(args.ckpt)
-            result = eval_data(cascade, stop_at, cache, sample, data_spec=args.data, n=args.n,
+            dataset = data.make_dataset(args.data, cascade.config["stages"][stop_at - 1]["size"])
+            result = eval_data(cascade, stop_at, cache, sample, dataset=dataset, data_spec=args.data, n=args.n,
                                n_trained=args.n_trained, folder=folder, device=args.device)
             if fidelity:
-                dataset = data.make_dataset(args.data, cascade.config["stages"][stop_at - 1]["size"])
                 result["fidelity"] = eval_fidelity(dataset, sample, fid=args.fid, kid=args.kid, weights=weights,
                                                    clip_model=args.clip_score, device=args.device)
         else:

@@ -373,11 +373,10 @@ def read_safetensors(path):
 
 
 def load_exported(path):
-    """(config, {stage: U-Net weights}, no history) of a .safetensors file from an earlier sample.py --export FILE:
-    tensors "K.name" (stage K's U-Net tensor `name`), the cascade config as JSON in the metadata's "config"."""
+    """(config, {stage: weights}, no history) of an earlier one-file export: tensors "K.name", metadata "config"."""
     meta, tensors = read_safetensors(path)
     if "config" not in meta:
-        raise ValueError(f"{path} has no cascade config in its metadata; export it with sample.py --export")
+        raise ValueError(f"{path} has no cascade config in its metadata: it is not a nanoimagen export")
     weights = {}
     for name, t in tensors.items():  # "0.init_conv.weight": stage 0's init_conv.weight
         k, _, param = name.partition(".")
@@ -420,8 +419,8 @@ def download(hub_id):
 
 
 def load_weights(ckpt, ema=True):
-    """(config, {stage: U-Net weights}, {stage: its steps and settings}) of a training --out folder or unetK.pt, an
-    export (sample.py --export: a folder or .safetensors file; `ema` does not apply) or else a Hub id of a folder."""
+    """(config, {stage: U-Net weights}, {stage: its steps and settings}) of a training --out folder or unetK.pt, a
+    sample.py --export folder or an earlier one-file .safetensors export (`ema` does not apply), else a Hub id."""
     if str(ckpt).endswith(".safetensors"):
         return load_exported(ckpt)
     if os.path.isfile(os.path.join(ckpt, "config.json")):
@@ -439,11 +438,15 @@ def load_unet(unet, weights, what):
     unet.load_state_dict(weights)
 
 
+def leading_stages(weights):
+    """How many stages from the base on have weights in {stage: U-Net weights} (a cascade samples only those)."""
+    return next(k for k in itertools.count() if k not in weights)
+
+
 def load_cascade(ckpt, device="cpu", ema=True):
     """(Imagen with trained weights, number of leading stages that have weights) of any load_weights source."""
     config, weights, _ = load_weights(ckpt, ema)
     imagen = Imagen(config).eval()
     for k, w in weights.items():
         load_unet(imagen.stages[k].unet, w, f"{ckpt} U-Net {k}")
-    trained = next(k for k in itertools.count() if k not in weights)  # the leading stages with weights
-    return imagen.to(device), trained
+    return imagen.to(device), leading_stages(weights)

@@ -7,7 +7,6 @@ Edits a given image with --init-image (SDEdit), --inpaint/--mask (RePaint), or s
 into a folder for sharing; `--ckpt DIR` (or a Hub id of it) samples from it.
 """
 import argparse
-import itertools
 import json
 import math
 import os
@@ -26,8 +25,8 @@ import text
 def add_sampling_args(p):
     """Flags shared by sample.py and eval.py; unset ones fall back to the checkpoint's stored defaults."""
     a = p.add_argument
-    a("--ckpt", required=True, help="training --out folder, one unetK.pt file in it, a folder or file written by "
-      "--export, or a Hugging Face Hub id of such a folder")
+    a("--ckpt", required=True, help="training --out folder, one unetK.pt file in it, a folder written by --export "
+      "(or an earlier one-file export), or a Hugging Face Hub id of such a folder")
     a("--sampler", default=None, help=f"sampler, one value or a comma list per U-Net: "
       f"{', '.join(registry.SAMPLERS.names())} (default: {imagen.SAMPLING_DEFAULTS['sampler']}; heun for edm U-Nets)")
     a("--steps", default=None, help="sampler steps, one value or a comma list per U-Net")
@@ -189,7 +188,7 @@ def edit_from_args(args, stop_at):
 def export(args):
     """Write the --ckpt's trained U-Nets (EMA unless --no-ema) to the --export folder; print its path."""
     config, weights, history = imagen.load_weights(args.ckpt, ema=not args.no_ema)
-    stages = list(itertools.takewhile(weights.__contains__, range(len(config["stages"]))))
+    stages = range(imagen.leading_stages(weights))
     about = dict(trained=[history.get(k, {}) for k in stages], weights="raw" if args.no_ema else "EMA",
                  eval=eval_scores(args.ckpt))
     imagen.export_folder(config, {k: weights[k] for k in stages}, args.export, about)
