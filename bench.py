@@ -115,7 +115,7 @@ def parts_and_batches(args, k, text_source="cached", **overrides):
 def run_steps(parts, stream, n, cfg):
     """n optimizer steps of stage parts.k on the stream's next batches."""
     for _ in range(n):
-        train.optimizer_step(parts, [next(stream)], cfg.lr, None, 1, cfg.grad_clip)
+        train.optimizer_step(parts, [next(stream)], cfg.lr[parts.k], None, 1, cfg.grad_clip)
 
 
 def train_case(case):

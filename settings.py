@@ -33,7 +33,7 @@ class Config:
     minutes: tuple = setting((0.0,), "an optional wall-clock cap per U-Net (0 = none)")
     batch_size: tuple = setting((32,), "images per micro-step, per process, per U-Net")
     grad_accum: int = setting(1, "micro-steps per optimizer step")
-    lr: float = setting(1e-4, "AdamW learning rate after warmup")
+    lr: tuple = setting((1e-4,), "AdamW learning rate after warmup, per U-Net")
     warmup: int = setting(1000, "linear learning-rate warmup steps")
     lr_final: float = setting(1.0, "learning rate at the end of the budget, a fraction of --lr, by cosine decay")
     grad_clip: float = setting(1.0, "max global gradient norm")
@@ -80,9 +80,9 @@ class Config:
 
 
 DEFAULTS = Config()
-PER_STAGE = dict(unets=str, sizes=int, steps=int, minutes=float, batch_size=int, precision=str, channels_last=int,
-                 checkpointing=int, family=str, target=str, schedule=str, timesteps=int, min_snr_gamma=float, crop=int,
-                 layout_phase=str, cond_scale=float, sample_steps=int)
+PER_STAGE = dict(unets=str, sizes=int, steps=int, minutes=float, batch_size=int, lr=float, precision=str,
+                 channels_last=int, checkpointing=int, family=str, target=str, schedule=str, timesteps=int,
+                 min_snr_gamma=float, crop=int, layout_phase=str, cond_scale=float, sample_steps=int)
 # Settings that a resume must share with the checkpoint: another value would change what the run means.
 SAME_ON_RESUME = ("data", "seed", "holdout", "hflip", "lr", "warmup", "lr_final", "grad_clip", "ema_decay",
                   "grad_accum", "batch_size", "precision", "layout_phase", "layout_level")
@@ -181,7 +181,7 @@ def check(cfg):
               ("channels_last", set(cfg.channels_last) <= {0, 1}, "1 (channels_last) or 0 per U-Net"),
               ("checkpointing", set(cfg.checkpointing) <= {0, 1}, "1 (checkpointed) or 0 per U-Net"),
               ("layout_level", 0 <= cfg.layout_level < 1, "a noise level in [0, 1)"),
-              ("lr", cfg.lr > 0 and math.isfinite(cfg.lr), "a positive number"),
+              ("lr", all(v > 0 and math.isfinite(v) for v in cfg.lr), "a positive number per U-Net"),
               ("ema_decay", 0 <= cfg.ema_decay < 1, "a decay in [0, 1)"),
               ("cond_scale", all(map(math.isfinite, cfg.cond_scale)), "finite guidance scales"),
               ("threads", cfg.threads == "auto" or cfg.threads.isdigit() and int(cfg.threads) >= 1,

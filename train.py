@@ -50,7 +50,7 @@ def learning_rate(cfg, k, step):
     """Linear warmup, then cosine decay to lr * lr_final at the end of stage k's budget (Loshchilov & Hutter 2017)."""
     warmup = min(1.0, (step + 1) / max(1, cfg.warmup))
     progress = min(1.0, step / cfg.steps[k])
-    return cfg.lr * warmup * (cfg.lr_final + (1 - cfg.lr_final) * (1 + math.cos(math.pi * progress)) / 2)
+    return cfg.lr[k] * warmup * (cfg.lr_final + (1 - cfg.lr_final) * (1 + math.cos(math.pi * progress)) / 2)
 
 
 def layout_level(cfg, k, step):
@@ -116,7 +116,7 @@ def build_parts(cfg, cascade, k, device, world):
     memory_format = torch.channels_last if cfg.channels_last[k] else torch.contiguous_format
     stage = cascade.stages[k].to(device, memory_format=memory_format)
     stage.unet.set_checkpointing(bool(cfg.checkpointing[k]))
-    opt = torch.optim.AdamW(stage.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.01,
+    opt = torch.optim.AdamW(stage.parameters(), lr=cfg.lr[k], betas=(0.9, 0.99), weight_decay=0.01,
                             fused=True)  # one kernel for all parameters, not a Python loop over them
     ema = AveragedModel(stage.unet, multi_avg_fn=ema_update(cfg.ema_decay), use_buffers=True)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision[k] == "fp16")
@@ -332,7 +332,7 @@ def settings_changed(old, cfg, k, path):
     for name in (*SAME_ON_RESUME, "steps"):
         before, now = old.get(name), getattr(cfg, name)
         if name in PER_STAGE:
-            before, now = list(before or [None] * (k + 1))[k], now[k]
+            before, now = before[k] if isinstance(before, (list, tuple)) else before, now[k]  # older: one for all
         if before != now and name == "steps":
             print(f"note: unet{k} resumes from {path} with a budget of {now} steps (it was trained for {before})")
         elif before != now:
@@ -493,7 +493,8 @@ def describe(cfg):
     """The run's first line: the recipe, stages, sizes and budget it took."""
     recipe = f"recipe {cfg.recipe}" if cfg.recipe else "no recipe (defaults for a real run)"
     return (f"{recipe}: U-Nets {', '.join(cfg.unets)} at {', '.join(map(str, cfg.sizes))} px, "
-            f"{' + '.join(map(str, cfg.steps))} steps of batch {', '.join(map(str, cfg.batch_size))}, lr {cfg.lr:g}, "
+            f"{' + '.join(map(str, cfg.steps))} steps of batch {', '.join(map(str, cfg.batch_size))}, "
+            f"lr {', '.join(f'{v:g}' for v in cfg.lr)}, "
             f"EMA {cfg.ema_decay:g}, {', '.join(cfg.precision)}, data {cfg.data}")
 
 

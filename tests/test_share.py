@@ -170,7 +170,7 @@ def test_init_from_trains_a_new_run_and_a_rerun_resumes_it_instead(trained, tmp_
     out = tmp_path / "new"
     train(out, cache_dir, "--steps", "1", "--init-from", str(trained), "--lr", "1e-3")
     state = imagen.load_checkpoint(imagen.checkpoint_path(out, 1))
-    assert state["step"] == 1 and state["optimizer"]["state"][0]["step"] == 1 and state["settings"]["lr"] == 1e-3
+    assert state["step"] == 1 and state["optimizer"]["state"][0]["step"] == 1 and state["settings"]["lr"][0] == 1e-3
     assert [r["event"] for r in read_log(out) if r.get("event", "").startswith("init")] == [
         f"initialised from {trained}"] * 2
     proc = train(out, cache_dir, "--steps", "2", "--init-from", str(trained), "--lr", "1e-3")

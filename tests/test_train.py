@@ -34,14 +34,14 @@ def test_the_default_is_the_shapes_recipe_and_flags_override_it():
     assert cfg.recipe == "shapes" and cfg.steps == tuple(shapes["steps"]) and cfg.data == "shapes"
     assert cfg.layout_phase == ("0.5:0.75", "0") and cfg.cond_scale == (3.0, 1.0) and cfg.crop == (0, 32)
     cfg = settings.parse_config(["--steps", "10", "--lr", "5e-4", "--recipe", "real-cpu"])
-    assert cfg.recipe == "real-cpu" and cfg.steps == (10, 10) and cfg.lr == 5e-4
+    assert cfg.recipe == "real-cpu" and cfg.steps == (10, 10) and cfg.lr == (5e-4, 5e-4)
     assert cfg.unets == ("RealBaseSmall", "RealSuperSmall")
 
 
 def test_unets_without_a_recipe_take_real_run_defaults_at_each_presets_own_size():
     cfg = settings.parse_config(["--unets", "base,super"])
     assert cfg.recipe == "" and cfg.sizes == (64, 256) and cfg.minutes == (0.0, 0.0)
-    assert cfg.steps == settings.DEFAULTS.steps * 2 and cfg.lr == settings.DEFAULTS.lr
+    assert cfg.steps == settings.DEFAULTS.steps * 2 and cfg.lr == settings.DEFAULTS.lr * 2
     assert cfg.ema_decay == settings.DEFAULTS.ema_decay and cfg.layout_phase == ("0", "0")
 
 
@@ -69,6 +69,8 @@ def test_learning_rate_warms_up_then_decays_to_the_final_fraction():
     assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))  # warmup rises
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # cosine decay falls
     assert lrs[100] == pytest.approx(1e-4)
+    cfg = settings.parse_config(["--steps", "100", "--warmup", "0", "--lr", "1e-3,2e-3"])
+    assert [train.learning_rate(cfg, k, 0) for k in (0, 1)] == [1e-3, 2e-3]  # each stage its own
 
 
 def test_the_layout_phase_is_a_window_of_each_stages_step_budget():
@@ -201,6 +203,9 @@ def test_a_resume_that_changes_the_runs_meaning_is_refused_and_a_new_budget_is_s
     cfg, config, parts = parts_for("--steps", "9", "--lr", "1e-3")
     assert train.resume(parts, path, config, cfg, "cpu") == STATE
     assert "budget of 9 steps (it was trained for 5)" in capsys.readouterr().out
+    state = imagen.load_checkpoint(path)
+    imagen.save_checkpoint({**state, "settings": {**state["settings"], "lr": 1e-3}}, path)  # one lr for all stages
+    assert train.resume(parts, path, config, cfg, "cpu") == STATE
 
 
 def test_a_checkpoint_from_before_stored_settings_still_resumes_with_a_notice(tmp_path, capsys):
