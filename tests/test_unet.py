@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import registry
-from unet import Unet
+from unet import Unet, fft_conv2d
 
 TEXT_DIM = 12
 # BaseTest with self- and cross-attention at every level, so that every attention path is exercised.
@@ -112,6 +112,20 @@ def test_padding_tokens_do_not_change_the_output(extra, real, mix):
     torch.testing.assert_close(unet(x, t, padded_text, padded_mask), out, rtol=0, atol=tol)
     leaked = unet(x, t, padded_text, torch.ones_like(padded_mask))  # the padding mask dropped: garbage is attended
     assert (leaked - out).abs().max() > 100 * tol  # the tolerance is far below what a leaking mask changes (>4000x)
+
+
+@settings(max_examples=25, deadline=None)
+@given(c_in=st.integers(1, 6), c_out=st.integers(1, 5), k=st.sampled_from([1, 3, 7, 15]), h=st.integers(1, 40),
+       w=st.integers(1, 40))
+def test_fft_convolution_equals_conv2d_and_its_gradients(c_in, c_out, k, h, w):
+    conv = torch.nn.Conv2d(c_in, c_out, k, padding=k // 2)
+    x = torch.randn(3, c_in, h, w, requires_grad=True)
+
+    def output_and_gradients(y):
+        return y, *torch.autograd.grad(y.square().sum(), (x, conv.weight, conv.bias))
+
+    for a, b in zip(output_and_gradients(fft_conv2d(x, conv)), output_and_gradients(conv(x))):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * b.abs().max().item())  # float32 FFTs: ~1e-6 of the scale
 
 
 def test_text_neighbours_start_as_identity_and_mix_adjacent_tokens_only():
