@@ -372,18 +372,6 @@ def read_safetensors(path):
         raise ValueError(f"cannot load {path}: {first_line(e)}") from None
 
 
-def load_exported(path):
-    """(config, {stage: weights}, no history) of an earlier one-file export: tensors "K.name", metadata "config"."""
-    meta, tensors = read_safetensors(path)
-    if "config" not in meta:
-        raise ValueError(f"{path} has no cascade config in its metadata: it is not a nanoimagen export")
-    weights = {}
-    for name, t in tensors.items():  # "0.init_conv.weight": stage 0's init_conv.weight
-        k, _, param = name.partition(".")
-        weights.setdefault(int(k), {})[param] = t
-    return json.loads(meta["config"]), weights, {}
-
-
 def export_folder(config, weights, folder, about):
     """Write weights {stage: U-Net weights} as unetK.safetensors and config.json: the cascade `config`, its sampling
     defaults and `about` (its "trained" list: each stage's steps and settings)."""
@@ -420,9 +408,7 @@ def download(hub_id):
 
 def load_weights(ckpt, ema=True):
     """(config, {stage: U-Net weights}, {stage: its steps and settings}) of a training --out folder or unetK.pt, a
-    sample.py --export folder or an earlier one-file .safetensors export (`ema` does not apply), else a Hub id."""
-    if str(ckpt).endswith(".safetensors"):
-        return load_exported(ckpt)
+    sample.py --export folder (`ema` does not apply), else a Hub id."""
     if os.path.isfile(os.path.join(ckpt, "config.json")):
         return load_export_folder(ckpt)
     return load_trained(ckpt, ema) if os.path.exists(ckpt) else load_export_folder(download(ckpt))

@@ -88,8 +88,6 @@ SAME_ON_RESUME = ("data", "seed", "holdout", "hflip", "lr", "warmup", "lr_final"
                   "grad_accum", "batch_size", "precision", "layout_phase", "layout_level")
 LEAST = dict(steps=1, batch_size=1, timesteps=2, sample_steps=1, grad_accum=1, log_every=1, save_every=0,
              sample_every=0, eval_every=0, keep=0, workers=0, warmup=0)
-CHANGED_FLAGS = {"minutes": "--minutes is now only a cap: the budget is --steps",
-                 "layout_phase": "--layout-phase is now a fraction of --steps, with no forecast of machine speed"}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # these replay CUDA graphs on a GPU
 
@@ -104,10 +102,7 @@ def parse_config(argv=None):
         kind = dict(action="store_true") if field.type is bool else dict(nargs="?", const="default") if (
             field.name == "compile") else {}
         p.add_argument("--" + field.name.replace("_", "-"), help=field.metadata["help"] + shown, **kind)
-    given = vars(p.parse_args(argv))
-    for name in given.keys() & CHANGED_FLAGS.keys():
-        print(f"note: {CHANGED_FLAGS[name]}")
-    return resolve(given)
+    return resolve(vars(p.parse_args(argv)))
 
 
 def resolve(given):

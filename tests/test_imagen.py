@@ -1,11 +1,9 @@
 """The cascade: per-stage training loss, sampling through the chain, checkpoints."""
 import copy
-import json
 import os
 import stat
 
 import pytest
-import safetensors.torch
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -113,19 +111,6 @@ def test_checkpoint_round_trip_rebuilds_the_cascade_with_ema_or_raw_weights(tmp_
         expected = perturbed(stage.unet.state_dict()) if ema else stage.unet.state_dict()
         for name, t in loaded.stages[k].unet.state_dict().items():
             assert torch.equal(t, expected[name]), (k, name)
-
-
-def test_a_one_file_export_of_earlier_versions_rebuilds_the_cascade_with_its_config(tmp_path, cascade):
-    save_stages(tmp_path, cascade)
-    loaded, trained = imagen.load_cascade(str(tmp_path))
-    tensors = {f"{k}.{name}": t.contiguous() for k in range(trained)  # what sample.py --export FILE.safetensors wrote
-               for name, t in loaded.stages[k].unet.state_dict().items()}
-    safetensors.torch.save_file(tensors, tmp_path / "cascade.safetensors", dict(config=json.dumps(loaded.config)))
-    again, trained_again = imagen.load_cascade(str(tmp_path / "cascade.safetensors"))
-    assert trained_again == 2 and again.config["stages"][1]["size"] == 32
-    assert imagen.first_difference(again.config, cascade.config) is None  # JSON lists stand for the tuples
-    for a, b in zip(loaded.state_dict().values(), again.state_dict().values()):
-        assert torch.equal(a, b)
 
 
 def test_a_failed_or_unloadable_save_keeps_the_previous_checkpoint_and_no_temp_file(tmp_path, monkeypatch):
