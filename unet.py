@@ -17,6 +17,7 @@ from torch import nn
 import registry
 
 CROSS_EMBED_KERNELS = (3, 7, 15)  # kernel sizes of the first convolution (MinImagen CrossEmbedLayer)
+FFT_MIN_KERNEL = 15  # on a CPU, kernels this large go through fft_conv2d (at 7, oneDNN is faster: docs/experiments.md)
 FF_MULT = 2  # hidden width of a TransformerBlock's feed-forward layer, in multiples of its channels
 
 
@@ -123,7 +124,8 @@ class CrossEmbed(nn.Module):
                                    for k, width in zip(CROSS_EMBED_KERNELS, widths))
 
     def forward(self, x):  # on a CPU the 15x15 kernel goes through the FFT: ~5x faster than oneDNN's weight gradient
-        return torch.cat([fft_conv2d(x, conv) if x.device.type == "cpu" and conv.kernel_size[0] == 15 else conv(x)
+        fft = x.device.type == "cpu"
+        return torch.cat([fft_conv2d(x, conv) if fft and conv.kernel_size[0] >= FFT_MIN_KERNEL else conv(x)
                           for conv in self.convs], dim=1)  # [b, dim_out, h, w]
 
 
