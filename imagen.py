@@ -92,7 +92,7 @@ class Stage(nn.Module):
             t = d.time_for_noise_level(layout_level + (1 - layout_level) * torch.rand(b, device=images.device), b,
                                        images.device)  # [b]
             weight = d.x0_loss_weight(t, s["target"])  # [b]
-        noise = torch.randn_like(images)
+        noise = torch.randn_like(images, memory_format=torch.contiguous_format)  # 9x faster than into channels_last
         x_t = d.q_sample(images, t, noise)
         out = self.unet(d.model_input(x_t, t), d.model_time(t), text_embeds, text_mask,
                         cond_drop_prob=s["cond_drop_prob"], **lowres)

@@ -110,7 +110,10 @@ def fft_conv2d(x, conv):
     size = [-(-(n + k - 1) // 16) * 16 for n in (h, w)]  # >= h + k - 1: no wrap-around; multiples of 16 are fast
     image, kernel = torch.fft.rfft2(x, s=size), torch.fft.rfft2(conv.weight.flip(-2, -1), s=size)  # conv2d correlates
     out = torch.fft.irfft2((image[:, None] * kernel).sum(2), s=size)  # [b, c_out, H, W]
-    return out[..., k // 2:k // 2 + h, k // 2:k // 2 + w] + conv.bias[:, None, None]  # [b, c_out, h, w]
+    out = out[..., k // 2:k // 2 + h, k // 2:k // 2 + w] + conv.bias[:, None, None]  # [b, c_out, h, w]
+    # conv2d's memory layout: a concatenation of mixed layouts would be copied by every conv that reads it
+    last = conv.weight.is_contiguous(memory_format=torch.channels_last)
+    return out.contiguous(memory_format=torch.channels_last if last else torch.contiguous_format)
 
 
 class CrossEmbed(nn.Module):
