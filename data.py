@@ -524,8 +524,7 @@ def holdout_split(dataset, holdout, size):
                          f"count below {len(captioned)} or a fraction below 1")
     order = torch.randperm(len(captioned), generator=torch.Generator().manual_seed(HOLDOUT_SEED)).tolist()
     held = {captioned[i] for i in order[:count]}
-    return (Subset(dataset, [i for i in range(len(dataset)) if i not in held]),
-            Subset(dataset, sorted(held)))
+    return Subset(dataset, [i for i in range(len(dataset)) if i not in held]), Subset(dataset, sorted(held))
 
 
 def first_usable(dataset, n):

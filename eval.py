@@ -113,6 +113,15 @@ def fixed_choice(indices, n):
     return [indices[i] for i in sorted(order.tolist())]
 
 
+def caption_lookup(cache, captions, heldout, trained):
+    """For each held-out index, the trained index whose caption is nearest in the text encoder's space (cosine of
+    masked-mean token embeddings): a reference that draws nothing, only looks up a trained caption's picture."""
+    def pooled(indices):
+        emb, mask = cache([captions[i] for i in indices])  # [n, max_len, d], [n, max_len]
+        return torch.nn.functional.normalize((emb * mask[..., None]).sum(1), dim=-1)  # the mean's direction [n, d]
+    return [trained[j] for j in (pooled(heldout) @ pooled(trained).T).argmax(1).tolist()]
+
+
 def retrieval(dataset, indices, pictures, rows, sample, grid):
     """Sample each caption of the dataset at `indices` once, rank its own picture (retrieval_scores), and save the
     first GRID_PAIRS samples beside their pictures as the PNG `grid`."""
@@ -139,18 +148,22 @@ def eval_data(cascade, stop_at, cache, sample, *, dataset, data_spec, n, n_train
     losses = [round(imagen.fixed_noise_loss(stage, images.to(device), emb, mask), 5)
               for stage in cascade.stages[:stop_at]]
     pictures, rows = retrieval_pictures(dataset)  # [m, 3, side, side]
-    chosen = dict(trained=fixed_choice([i for i in train_set.indices if i in rows], n_trained),
-                  heldout=[i for i in heldout_set.indices if i in rows])
+    trained = [i for i in train_set.indices if i in rows]
+    chosen = dict(trained=fixed_choice(trained, n_trained), heldout=[i for i in heldout_set.indices if i in rows])
     if empty := [name for name, indices in chosen.items() if not indices]:
         raise ValueError(f"--data {data_spec!r} has no usable {empty[0]} sample to rank")
     grids = {name: os.path.join(folder, f"{name}.png") for name in chosen}
     scores = {name: retrieval(dataset, indices, pictures, rows, sample, grids[name])
               for name, indices in chosen.items()}
+    looked_up = caption_lookup(cache, dataset.captions(), chosen["heldout"], trained)  # held-out -> trained index
+    lookup = retrieval_ranks(pictures[[rows[i] for i in looked_up]], pictures,
+                             torch.tensor([rows[i] for i in chosen["heldout"]]))
     log = os.path.join(folder, "log.jsonl")
     plot = plot_losses(log, os.path.join(folder, "heldout-loss.png")) if os.path.exists(log) else None
     return dict(heldout_loss=losses, n=len(captions), captions=captions, grid=grids["heldout"],
                 trained_grid=grids["trained"], plot=plot,
-                retrieval=dict(scores, chance=chance_scores(len(pictures)), pictures=len(pictures)))
+                retrieval=dict(scores, caption_lookup=retrieval_scores(lookup), chance=chance_scores(len(pictures)),
+                               pictures=len(pictures)))
 
 
 def inception_weights(path):

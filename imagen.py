@@ -139,7 +139,6 @@ def fixed_noise_loss(stage, images, text_embeds, text_mask):
     """A stage's training loss on uint8 images [b, 3, s, s] at its size, with every random draw (timesteps, noise,
     low-res augmentation, text drops) taken from one fixed seed: it changes only when the weights do, so checkpoints
     can be compared on held-out images (train.py logs it, eval.py --data prints it)."""
-    # contiguous, not channels_last: randn_like fills memory order, and every caller's draws must be the same noise
     images = resize(data.to_signed(images), stage.size)  # [b, 3, size, size]
     devices = [images.device] if images.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():

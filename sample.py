@@ -25,8 +25,8 @@ import text
 def add_sampling_args(p):
     """Flags shared by sample.py and eval.py; unset ones fall back to the checkpoint's stored defaults."""
     a = p.add_argument
-    a("--ckpt", required=True, help="training --out folder, one unetK.pt file in it, a folder written by --export "
-      "(or an earlier one-file export), or a Hugging Face Hub id of such a folder")
+    a("--ckpt", required=True, help="training --out folder, one unetK.pt file in it, a folder written by --export, "
+      "or a Hugging Face Hub id of such a folder")
     a("--sampler", default=None, help=f"sampler, one value or a comma list per U-Net: "
       f"{', '.join(registry.SAMPLERS.names())} (default: {imagen.SAMPLING_DEFAULTS['sampler']}; heun for edm U-Nets)")
     a("--steps", default=None, help="sampler steps, one value or a comma list per U-Net")

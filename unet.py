@@ -280,8 +280,7 @@ class Unet(nn.Module):
         nn.init.zeros_(self.final_conv.weight)  # the untrained U-Net predicts 0
         nn.init.zeros_(self.final_conv.bias)
 
-    def forward(self, x, time, text_embeds, text_mask, *, lowres_img=None, lowres_noise_time=None,
-                cond_drop_prob=0.0):
+    def forward(self, x, time, text_embeds, text_mask, *, lowres_img=None, lowres_noise_time=None, cond_drop_prob=0.0):
         """Output [b, c, h, w]; each sample's text is dropped with probability cond_drop_prob (classifier-free)."""
         b = x.shape[0]
         if cond_drop_prob > 0:

@@ -44,6 +44,17 @@ def test_a_sample_nearer_to_another_picture_ranks_its_own_below_it():
     assert eval_module.retrieval_ranks(samples, pictures, torch.tensor([2])).tolist() == [1]
 
 
+def test_caption_lookup_answers_with_the_trained_caption_nearest_in_text_space_ignoring_padding():
+    tokens = {"a": [[1, 0], [1, 0]], "b": [[0, 1], [0, 1]],  # two real tokens each
+              "near a": [[0.9, 0.1], [0, 9]], "near b": [[0.2, 0.8], [9, 0]]}  # one, then padding pointing away
+
+    def cache(captions):
+        mask = [[True, len(caption) == 1] for caption in captions]
+        return torch.tensor([tokens[c] for c in captions], dtype=torch.float32), torch.tensor(mask)
+    captions = ["a", "b", "near a", "near b"]
+    assert eval_module.caption_lookup(cache, captions, heldout=[2, 3], trained=[0, 1]) == [0, 1]
+
+
 def test_eval_data_ranks_the_pictures_of_trained_and_held_out_captions(tmp_path, cache_dir):
     folder, out = captioned_pictures(tmp_path / "pictures", 30), tmp_path / "out"
     train(out, cache_dir, "--data", str(folder), "--steps", "1", "--holdout", "5")
@@ -52,8 +63,8 @@ def test_eval_data_ranks_the_pictures_of_trained_and_held_out_captions(tmp_path,
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     retrieval = result["retrieval"]
     assert retrieval["pictures"] == 30 and retrieval["chance"] == eval_module.chance_scores(30)
-    assert retrieval["trained"]["n"] == 8 and retrieval["heldout"]["n"] == 5
-    for scores in (retrieval["trained"], retrieval["heldout"]):
+    assert retrieval["trained"]["n"] == 8 and retrieval["heldout"]["n"] == retrieval["caption_lookup"]["n"] == 5
+    for scores in (retrieval["trained"], retrieval["heldout"], retrieval["caption_lookup"]):
         assert 0 <= scores["recall@1"] <= scores["recall@10"] <= 1 and 1 <= scores["median_rank"] <= 30
     assert len(result["heldout_loss"]) == 2
     for grid in (result["grid"], result["trained_grid"]):
