@@ -548,10 +548,9 @@ def to_signed(images):
 
 def make_dataset(spec, size, seed=0):
     """'shapes' -> Shapes; a shard pattern or a directory with .tar files -> Shards; other directory -> ImageFolder."""
-    spec = str(spec)
+    spec, path = str(spec), Path(spec)
     if spec.lower() == "shapes":
         return Shapes(size, seed)
-    path = Path(spec)
     if "{" in spec or path.suffix == ".tar" or (path.is_dir() and any(path.glob("*.tar"))):
         return Shards(spec, size)
     if path.is_dir():

@@ -116,10 +116,9 @@ def fixed_choice(indices, n):
 def caption_lookup(cache, captions, heldout, trained):
     """For each held-out index, the trained index whose caption is nearest in the text encoder's space (cosine of
     masked-mean token embeddings): a reference that draws nothing, only looks up a trained caption's picture."""
-    def pooled(indices):
-        emb, mask = cache([captions[i] for i in indices])  # [n, max_len, d], [n, max_len]
-        return torch.nn.functional.normalize((emb * mask[..., None]).sum(1), dim=-1)  # the mean's direction [n, d]
-    return [trained[j] for j in (pooled(heldout) @ pooled(trained).T).argmax(1).tolist()]
+    emb, mask = cache([captions[i] for i in heldout + trained])  # [h + t, max_len, d], [h + t, max_len]
+    pooled = torch.nn.functional.normalize((emb * mask[..., None]).sum(1), dim=-1)  # the mean's direction [h + t, d]
+    return [trained[j] for j in (pooled[:len(heldout)] @ pooled[len(heldout):].T).argmax(1).tolist()]
 
 
 def retrieval(dataset, indices, pictures, rows, sample, grid):
@@ -155,9 +154,8 @@ def eval_data(cascade, stop_at, cache, sample, *, dataset, data_spec, n, n_train
     grids = {name: os.path.join(folder, f"{name}.png") for name in chosen}
     scores = {name: retrieval(dataset, indices, pictures, rows, sample, grids[name])
               for name, indices in chosen.items()}
-    looked_up = caption_lookup(cache, dataset.captions(), chosen["heldout"], trained)  # held-out -> trained index
-    lookup = retrieval_ranks(pictures[[rows[i] for i in looked_up]], pictures,
-                             torch.tensor([rows[i] for i in chosen["heldout"]]))
+    looked_up = [rows[i] for i in caption_lookup(cache, dataset.captions(), chosen["heldout"], trained)]  # [h]
+    lookup = retrieval_ranks(pictures[looked_up], pictures, torch.tensor([rows[i] for i in chosen["heldout"]]))
     log = os.path.join(folder, "log.jsonl")
     plot = plot_losses(log, os.path.join(folder, "heldout-loss.png")) if os.path.exists(log) else None
     return dict(heldout_loss=losses, n=len(captions), captions=captions, grid=grids["heldout"],

@@ -315,7 +315,7 @@ def find_checkpoints(ckpt):
     if m := re.fullmatch(r"unet(\d+)(-step\d+)?\.pt", os.path.basename(ckpt)):
         found[int(m.group(1))] = ckpt
     if not found:
-        raise ValueError(f"no unetK.pt checkpoint in {folder!r}")
+        raise ValueError(f"no unetK.pt checkpoint in {folder!r}" + ("" if ckpt == folder else f" ({ckpt} is not one)"))
     return found
 
 

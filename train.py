@@ -41,8 +41,7 @@ MAX_UNUSABLE = 1000  # consecutive unusable samples (unreadable image or no capt
 MAX_BAD_STEPS = 10  # consecutive non-finite losses before training stops
 TUNE_EVERY, TUNE_STEPS = 500, 3  # CPU thread counts are re-timed every TUNE_EVERY steps, TUNE_STEPS steps each
 SLOWDOWN = 3  # ... and at once after a step this many times slower than its count's median
-CHECKPOINT_KEYS = ("config", "settings", "model", "ema", "ema_n", "optimizer", "scaler", "step", "position", "elapsed",
-                   "skipped", "data_digest")
+CHECKPOINT_KEYS = ("config", "model", "ema", "ema_n", "optimizer", "scaler", "step", "position", "elapsed", "skipped")
 
 
 # ---- the pieces of one optimizer step ----
@@ -296,13 +295,14 @@ def resume(parts, path, config, cfg, device):
     if mismatch:
         raise ValueError(f"{path} holds U-Net {parts.k} of another cascade ({mismatch}, checkpoint -> this "
                          "command); use another --out or the command that made it")
-    settings_changed(s["settings"], cfg, parts.k, path)
+    settings_changed(s.get("settings"), cfg, parts.k, path)
     parts.stage.unet.load_state_dict(s["model"])
     parts.ema.module.load_state_dict(s["ema"])
     parts.ema.n_averaged.copy_(s["ema_n"])
     parts.opt.load_state_dict(s["optimizer"])
     parts.scaler.load_state_dict(s["scaler"])
-    return {key: s[key] for key in ("step", "position", "elapsed", "skipped", "data_digest")}
+    return {key: s[key] for key in ("step", "position", "elapsed", "skipped")} | dict(
+        data_digest=s.get("data_digest", ""))
 
 
 def init_from(parts, source, path, rank):
@@ -322,6 +322,9 @@ def init_from(parts, source, path, rank):
 
 def settings_changed(old, cfg, k, path):
     """Refuse a resume whose settings change the run's meaning; print one line for a changed budget."""
+    if old is None:
+        print(f"note: {path} was written before checkpoints stored their settings; resuming with this command's")
+        return
     for name in (*SAME_ON_RESUME, "steps"):
         before, now = old.get(name), getattr(cfg, name)
         if name in PER_STAGE:

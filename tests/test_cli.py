@@ -218,6 +218,7 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path, cache_dir):
     ("train.py", ["--layout-level", "1"], "--layout-level 1.0"),
     ("train.py", ["--layout-min-steps", "0"], "unrecognized arguments: --layout-min-steps"),
     ("sample.py", ["--ckpt", "/does/not/exist", "--prompt", "x"], "/does/not/exist"),
+    ("sample.py", ["--ckpt", "README.md", "--prompt", "x"], "(README.md is not one)"),
     ("sample.py", ["--prompt", "x"], "--ckpt"),
 ])
 def test_bad_command_lines_fail_with_one_line_error(script, args, needle, tmp_path):
