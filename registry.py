@@ -170,9 +170,9 @@ def unet_kwargs(name):
 # Recipes: a cascade's training settings as plain data, merged over settings.Config's defaults (which suit a real run
 # on one GPU); any flag overrides them. Per-stage values are lists, one per U-Net.
 RECIPES = Registry("recipe", {
-    # The built-in shapes data on a 2-core CPU: about 9 to 9.5 minutes idle. The base's layout phase (noise >= 0.95, x0
-    # loss, the middle quarter of its steps) is where it learns which object goes where (docs/experiments.md).
-    "shapes": dict(unets=["base-tiny", "super-small"], data="shapes", steps=[3200, 1800], lr=1e-3, warmup=100,
+    # The built-in shapes data on a 2-core CPU: about 8.5 minutes of training idle. The base's layout phase (noise
+    # >= 0.95, x0 loss, its middle quarter) decides where objects go; SR at 2x its rate keeps shapes (docs/experiments).
+    "shapes": dict(unets=["base-tiny", "super-small"], data="shapes", steps=[3200, 1800], lr=[1e-3, 2e-3], warmup=100,
                    ema_decay=0.995, layout_phase=["0.5:0.75", "0"], layout_level=0.95, cond_scale=[3.0, 1.0]),
     # Your own captioned folder on a 2-core CPU: 32 -> 64 px; the learning rate decays to 0.1x over the budget, and
     # the base's high-noise phase is what makes it draw a caption's own picture (docs/experiments.md, real data)
