@@ -362,11 +362,11 @@ def load_trained(ckpt, ema):
 
 
 def read_safetensors(path):
-    """(metadata, {name: tensor}) of a .safetensors file; a one-line ValueError where it is missing or unreadable."""
-    from safetensors import SafetensorError, safe_open
+    """{name: tensor} of a .safetensors file; a one-line ValueError where it is missing or unreadable."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
     try:
-        with safe_open(path, "pt") as f:
-            return f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()}
+        return load_file(path)
     except (SafetensorError, OSError) as e:
         raise ValueError(f"cannot load {path}: {first_line(e)}") from None
 
@@ -392,7 +392,7 @@ def load_export_folder(folder):
         config, trained = dict(about["cascade"]), list(about["trained"])
     except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable, not JSON, an entry missing or of a bad type
         raise ValueError(f"{path} is not a sample.py --export config ({type(e).__name__}: {first_line(e)})") from None
-    weights = {k: read_safetensors(os.path.join(folder, f"unet{k}.safetensors"))[1] for k in range(len(trained))}
+    weights = {k: read_safetensors(os.path.join(folder, f"unet{k}.safetensors")) for k in range(len(trained))}
     return config, weights, dict(enumerate(trained))
 
 
