@@ -75,15 +75,11 @@ class Diffusion(torch.nn.Module):
         alphas_cumprod = torch.cumprod(1 - betas, 0)  # [T]
         alphas_cumprod_prev = torch.cat([betas.new_ones(1), alphas_cumprod[:-1]])  # [T]
         posterior_variance = betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod)  # Ho et al. 2020, Eq. 7
-        buffers = dict(
-            betas=betas,
-            alphas_cumprod=alphas_cumprod,
-            sqrt_alphas_cumprod=alphas_cumprod.sqrt(),
-            sqrt_one_minus_alphas_cumprod=(1 - alphas_cumprod).sqrt(),
-            posterior_variance=posterior_variance,  # 0 at t = 0: the last step lands on x0
-            posterior_mean_coef1=alphas_cumprod_prev.sqrt() * betas / (1 - alphas_cumprod),  # Ho et al. 2020, Eq. 7
-            posterior_mean_coef2=(1 - betas).sqrt() * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod),
-        )
+        buffers = dict(betas=betas, alphas_cumprod=alphas_cumprod, sqrt_alphas_cumprod=alphas_cumprod.sqrt(),
+                       sqrt_one_minus_alphas_cumprod=(1 - alphas_cumprod).sqrt(),
+                       posterior_variance=posterior_variance,  # 0 at t = 0: the last step lands on x0
+                       posterior_mean_coef1=alphas_cumprod_prev.sqrt() * betas / (1 - alphas_cumprod),  # Eq. 7
+                       posterior_mean_coef2=(1 - betas).sqrt() * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod))
         for name, value in buffers.items():
             self.register_buffer(name, value.float(), persistent=False)
 

@@ -100,18 +100,6 @@ class Stage(nn.Module):
         mse = (out.float() - target).pow(2).mean(dim=(1, 2, 3))  # [b]
         return (mse * weight).mean()
 
-    def check_sampler(self, sampler, k):
-        """ValueError naming the sampler and why, if it cannot run on this stage's diffusion family."""
-        family = self.settings["family"]
-        why = self.family["refuses"].get(registry.SAMPLERS.canonical(sampler))
-        if why:
-            raise ValueError(f"sampler {sampler!r} cannot run on U-Net {k} ({family} diffusion): {why}; "
-                             f"use one of {', '.join(self.samplers())}")
-
-    def samplers(self):
-        """The registered samplers that run on this stage."""
-        return [name for name in registry.SAMPLERS.names() if name not in self.family["refuses"]]
-
     @torch.no_grad()
     def sample(self, text_embeds, text_mask, prev=None, *, sampler, steps, cond_scale, lowres_noise, threshold,
                generator=None, edit=None):
@@ -173,10 +161,9 @@ def training_cost(config, k, batch_size, checkpointing=False):
 def build_stages(config):
     """nn.ModuleList of Stages from a cascade config (the dict every checkpoint stores)."""
     stages, sizes = config["stages"], [s["size"] for s in config["stages"]]
-    return nn.ModuleList(
-        Stage(s["unet_kwargs"], s["size"], config["text_embed_dim"], sizes[k - 1] if k else None,
-              **{key: v for key, v in s.items() if key in STAGE_DEFAULTS})
-        for k, s in enumerate(stages))
+    return nn.ModuleList(Stage(s["unet_kwargs"], s["size"], config["text_embed_dim"], sizes[k - 1] if k else None,
+                               **{key: v for key, v in s.items() if key in STAGE_DEFAULTS})
+                         for k, s in enumerate(stages))
 
 
 class Imagen(nn.Module):
@@ -189,7 +176,8 @@ class Imagen(nn.Module):
 
     def samplers(self):
         """The registered samplers that run on every stage."""
-        return [name for name in registry.SAMPLERS.names() if all(name in s.samplers() for s in self.stages)]
+        refused = {name for stage in self.stages for name in stage.family["refuses"]}
+        return [name for name in registry.SAMPLERS.names() if name not in refused]
 
     @torch.no_grad()
     def sample(self, text_embeds, text_mask, *, stop_at=None, start_at=0, start_images=None, generator=None,
@@ -214,7 +202,7 @@ class Imagen(nn.Module):
         steps, scales, samplers = (registry.broadcast(opts[key], n, f"{key} (one per U-Net)")
                                    for key in ("steps", "cond_scale", "sampler"))
         for k in range(start_at, stop_at):
-            self.stages[k].check_sampler(samplers[k], k)
+            registry.check_sampler(samplers[k], self.stages[k].settings["family"], k)
         images = None if start_images is None else start_images * 2 - 1
         for k in range(start_at, stop_at):
             images = self.stages[k].sample(text_embeds, text_mask, images, sampler=samplers[k], steps=steps[k],

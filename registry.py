@@ -101,6 +101,17 @@ FAMILIES = Registry("diffusion family", {
                 refuses={"ddpm": "its ancestral step is the posterior of a discrete chain; an edm stage has none"}),
 })
 
+
+
+def check_sampler(sampler, family, k):
+    """ValueError naming the sampler and why, if it cannot run on U-Net k's diffusion family."""
+    refuses = FAMILIES[family]["refuses"]
+    why = refuses.get(SAMPLERS.canonical(sampler))
+    if why:
+        raise ValueError(f"sampler {sampler!r} cannot run on U-Net {k} ({family} diffusion): {why}; use one of "
+                         f"{', '.join(name for name in SAMPLERS.names() if name not in refuses)}")
+
+
 THRESHOLDS = Registry("threshold", {
     "dynamic": diffusion.dynamic_threshold,
     "static": diffusion.static_threshold,
@@ -170,10 +181,11 @@ def unet_kwargs(name):
 # Recipes: a cascade's training settings as plain data, merged over settings.Config's defaults (which suit a real run
 # on one GPU); any flag overrides them. Per-stage values are lists, one per U-Net.
 RECIPES = Registry("recipe", {
-    # The built-in shapes data on a 2-core CPU: about 8.5 minutes of training idle. The base's layout phase (noise
-    # >= 0.95, x0 loss, its middle quarter) decides where objects go; SR at 2x its rate keeps shapes (docs/experiments).
-    "shapes": dict(unets=["base-tiny", "super-small"], data="shapes", steps=[3200, 1800], lr=[1e-3, 2e-3], warmup=100,
-                   ema_decay=0.995, layout_phase=["0.5:0.75", "0"], layout_level=0.95, cond_scale=[3.0, 1.0]),
+    # The built-in shapes data on a 2-core CPU: about 8 minutes of training idle. The base's layout phase (noise
+    # >= 0.95, x0 loss, its middle quarter) decides where objects go; SR at 2x its rate, sampled by dpmpp-2m (docs).
+    "shapes": dict(unets=["base-tiny", "super-small"], data="shapes", steps=[3200, 1600], lr=[1e-3, 2e-3], warmup=100,
+                   ema_decay=0.995, layout_phase=["0.5:0.75", "0"], layout_level=0.95, cond_scale=[3.0, 1.0],
+                   sampler=["ddpm", "dpmpp-2m"]),
     # Your own captioned folder on a 2-core CPU: 32 -> 64 px; the learning rate decays to 0.1x over the budget, and
     # the base's high-noise phase is what makes it draw a caption's own picture (docs/experiments.md, real data)
     "real-cpu": dict(unets=["real-base-small", "real-super-small"], steps=[4000, 1200], lr=1e-3, warmup=100,
@@ -181,6 +193,5 @@ RECIPES = Registry("recipe", {
                      cond_scale=[3.0, 1.0]),
     # Your own captioned folder on one 80 GB GPU: 64 -> 256 px in bf16, the SR stage on 64 px crops (Imagen App. F).
     "real-gpu": dict(unets=["base64", "super256"], steps=[200_000, 100_000], batch_size=[64, 32], lr=1e-4,
-                     warmup=5000, ema_decay=0.9999, precision=["bf16"], crop=[0, 64], workers=8,
-                     cond_scale=[5.0, 1.0]),
+                     warmup=5000, ema_decay=0.9999, precision=["bf16"], crop=[0, 64], workers=8, cond_scale=[5.0, 1.0]),
 })

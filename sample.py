@@ -28,7 +28,7 @@ def add_sampling_args(p):
     a("--ckpt", required=True, help="training --out folder, one unetK.pt file in it, a folder written by --export, "
       "or a Hugging Face Hub id of such a folder")
     a("--sampler", default=None, help=f"sampler, one value or a comma list per U-Net: "
-      f"{', '.join(registry.SAMPLERS.names())} (default: {imagen.SAMPLING_DEFAULTS['sampler']}; heun for edm U-Nets)")
+      f"{', '.join(registry.SAMPLERS.names())} (default: the checkpoint's)")
     a("--steps", default=None, help="sampler steps, one value or a comma list per U-Net")
     a("--cond-scale", default=None, help="classifier-free guidance scale, one value or a comma list per U-Net")
     a("--lowres-noise", type=float, default=None, help="noise level (fraction of T) added to low-res conditions")

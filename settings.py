@@ -55,6 +55,8 @@ class Config:
     hflip: bool = setting(False, "random horizontal flips, seeded by the sample's position (break 'left'/'right')")
     holdout: float = setting(0.02, "samples never trained on: a count, or a fraction below 1")
     cond_scale: tuple = setting((), "sampling default per U-Net: guidance scale (default 3 for the base, 1 after)")
+    sampler: tuple = setting((), "sampling default per U-Net: " + ", ".join(registry.SAMPLERS.names()) +
+                             " (default: ddpm, heun for edm)")
     sample_steps: tuple = setting((20,), "sampling default per U-Net: sampler steps")
     lowres_noise: float = setting(imagen.SAMPLING_DEFAULTS["lowres_noise"], "sampling default: noise level of "
                                   "low-res conditions (a fraction of T)")
@@ -82,7 +84,7 @@ class Config:
 DEFAULTS = Config()
 PER_STAGE = dict(unets=str, sizes=int, steps=int, minutes=float, batch_size=int, lr=float, precision=str,
                  channels_last=int, checkpointing=int, family=str, target=str, schedule=str, timesteps=int,
-                 min_snr_gamma=float, crop=int, layout_phase=str, cond_scale=float, sample_steps=int)
+                 min_snr_gamma=float, crop=int, layout_phase=str, cond_scale=float, sampler=str, sample_steps=int)
 # Settings that a resume must share with the checkpoint: another value would change what the run means.
 SAME_ON_RESUME = ("data", "seed", "holdout", "hflip", "lr", "warmup", "lr_final", "grad_clip", "ema_decay",
                   "grad_accum", "batch_size", "precision", "layout_phase", "layout_level")
@@ -136,16 +138,18 @@ def scalar(value, cast, name):
 
 
 def derived_stage_defaults(values, names):
-    """Per-stage settings whose default depends on the stages: sizes, targets, crops, guidance scales."""
-    n, given = len(names), {key: values[key] for key in ("sizes", "target", "crop", "cond_scale") if values[key]}
+    """Per-stage settings whose default depends on the stages: sizes, targets, crops, guidance scales, samplers."""
+    n, given = len(names), {key: values[key] for key in ("sizes", "target", "crop", "cond_scale", "sampler")
+                            if values[key]}
     sizes = given.get("sizes", tuple(registry.UNETS[name]["size"] for name in names))
     multiples = [unet.size_multiple(**registry.unet_kwargs(name)) for name in names]
     families = [registry.FAMILIES.canonical(f) for f in values["family"]]
     out = dict(sizes=sizes, family=tuple(families),
                target=given.get("target", tuple("edm" if f == "edm" else "v" for f in families)),
                crop=given.get("crop", (0, *(s // 2 // m * m for s, m in zip(sizes[1:], multiples[1:])))),
-               cond_scale=given.get("cond_scale", (3.0,) + (1.0,) * (n - 1)))
-    for key in ("target", "crop", "cond_scale"):
+               cond_scale=given.get("cond_scale", (3.0,) + (1.0,) * (n - 1)),
+               sampler=given.get("sampler", tuple("heun" if f == "edm" else "ddpm" for f in families)))
+    for key in ("target", "crop", "cond_scale", "sampler"):
         out[key] = tuple(registry.broadcast(out[key], n, "--" + key.replace("_", "-")))
     return out
 
@@ -193,6 +197,8 @@ def check(cfg):
         layout_window(window)
     for schedule in cfg.schedule:
         registry.SCHEDULES.canonical(schedule)
+    for k, (sampler, family) in enumerate(zip(cfg.sampler, cfg.family)):
+        registry.check_sampler(sampler, family, k)
     if cfg.compile in CUDA_GRAPH_MODES and cfg.grad_accum > 1:  # measured on an H200: the graphs raise
         raise ValueError(f"--compile {cfg.compile} needs --grad-accum 1 (got {cfg.grad_accum}): a CUDA graph's "
                          "replay overwrites the gradients that the last micro-step left; use --compile default")
@@ -223,9 +229,8 @@ def cascade_config(cfg, encoder):
         if cfg.crop[k]:
             stage["crop"] = cfg.crop[k]
         stages.append(stage)
-    sampling = dict(cond_scale=list(cfg.cond_scale), steps=list(cfg.sample_steps), lowres_noise=cfg.lowres_noise)
-    if "edm" in cfg.family:  # EDM's Algorithm 2 on edm U-Nets
-        sampling["sampler"] = ["heun" if f == "edm" else imagen.SAMPLING_DEFAULTS["sampler"] for f in cfg.family]
+    sampling = dict(sampler=[registry.SAMPLERS.canonical(s) for s in cfg.sampler], cond_scale=list(cfg.cond_scale),
+                    steps=list(cfg.sample_steps), lowres_noise=cfg.lowres_noise)
     try:
         width = text.encoder_dim(encoder)
     except OSError as e:

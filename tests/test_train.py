@@ -33,6 +33,7 @@ def test_the_default_is_the_shapes_recipe_and_flags_override_it():
     shapes = registry.RECIPES["shapes"]
     assert cfg.recipe == "shapes" and cfg.steps == tuple(shapes["steps"]) and cfg.data == "shapes"
     assert cfg.layout_phase == ("0.5:0.75", "0") and cfg.cond_scale == (3.0, 1.0) and cfg.crop == (0, 32)
+    assert settings.cascade_config(cfg, text_spec())["sampling"]["sampler"] == ["ddpm", "dpmpp-2m"]
     cfg = settings.parse_config(["--steps", "10", "--lr", "5e-4", "--recipe", "real-cpu"])
     assert cfg.recipe == "real-cpu" and cfg.steps == (10, 10) and cfg.lr == (5e-4, 5e-4)
     assert cfg.unets == ("RealBaseSmall", "RealSuperSmall")
@@ -49,7 +50,8 @@ def test_unets_without_a_recipe_take_real_run_defaults_at_each_presets_own_size(
     (["--cond-scale", "nan"], "--cond-scale"), (["--steps", "0"], "--steps"), (["--lr", "-1"], "--lr"),
     (["--minutes", "-2"], "--minutes"), (["--ema-decay", "1"], "--ema-decay"), (["--batch-size", "x"], "'x'"),
     (["--only-unet", "2"], "--only-unet"), (["--recipe", "toy"], "toy"), (["--schedule", "cosine,zigzag"], "zigzag"),
-    (["--seed", "one"], "--seed 'one'")])
+    (["--seed", "one"], "--seed 'one'"), (["--sampler", "euler"], "euler"),
+    (["--sampler", "ddpm,heun"], "sampler 'heun' cannot run on U-Net 1 (ddpm diffusion)")])
 def test_bad_values_are_refused_where_they_are_parsed(flags, needle):
     with pytest.raises(ValueError, match=re.escape(needle)):
         settings.parse_config(flags)
