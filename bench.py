@@ -254,19 +254,19 @@ def bench_sample(args):
     prompts = data.shapes_captions(max(args.n_eval, args.ref_eval_n), seed=EVAL_SEED)
     cache(prompts)  # encode misses now: the timings are sampling alone
 
-    def run(role, n, sampler, sampler_steps=steps):
-        """A row: seconds per image and eval scores of sample.generate with this sampler."""
-        options = dict(sampler=[sampler], steps=sampler_steps)
+    def run(role, n, samplers, sampler_steps=steps):
+        """A row: seconds per image and eval scores of sample.generate with these samplers (one, or one per stage)."""
+        options = dict(sampler=samplers, steps=sampler_steps)
         images, elapsed = timed(lambda: sample.generate(cascade, cache, prompts[:n], stop_at, options, seed=0,
                                                         batch_size=args.sample_batch_size, device=args.device),
                                 torch.device(args.device))
-        return dict(role=role, sampler=sampler, steps=",".join(map(str, sampler_steps)), n=n,
+        return dict(role=role, sampler=",".join(samplers), steps=",".join(map(str, sampler_steps)), n=n,
                     s_per_image=round(elapsed / n, 4), **score(images, prompts[:n]))
 
     all_t = [stage.diffusion.num_timesteps for stage in cascade.stages]
-    return ([run("sampler", args.n_eval, name) for name in cascade.samplers()] +
-            [run("default", args.ref_eval_n, registry.SAMPLERS.canonical(opts["sampler"])),
-             run("reference", args.ref_eval_n, "ddpm", all_t)])
+    default = [registry.SAMPLERS.canonical(name) for name in registry.broadcast(opts["sampler"], len(steps), "")]
+    return ([run("sampler", args.n_eval, [name]) for name in cascade.samplers()] +
+            [run("default", args.ref_eval_n, default), run("reference", args.ref_eval_n, ["ddpm"], all_t)])
 
 
 # ---- report ----

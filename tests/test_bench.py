@@ -4,7 +4,6 @@ import json
 import pytest
 
 import bench
-import imagen
 import registry
 from test_cli import run
 
@@ -12,10 +11,11 @@ from test_cli import run
 def test_bench_writes_every_section(tmp_path):
     cache, ckpt, out = str(tmp_path / "cache"), str(tmp_path / "run"), tmp_path / "bench.json"
     run("train.py", "--unets", "base-test,super-test", "--sizes", "16,32", "--steps", "2", "--batch-size", "4",
-        "--workers", "0", "--sample-steps", "2", "--timesteps", "20", "--out", ckpt, "--cache-dir", cache)
+        "--workers", "0", "--sample-steps", "2", "--sampler", "ddpm,ddim", "--timesteps", "20", "--out", ckpt,
+        "--cache-dir", cache)
     proc = run("bench.py", "--sections", "train,loop,sample", "--presets", "base-test", "--sizes", "32",
-               "--steps", "1", "--batch-size", "2", "--ckpt", ckpt, "--n-eval", "4", "--ref-eval-n", "6", "--loop-steps", "3",
-               "--sample-batch-size", "2", "--cache-dir", cache, "--json", str(out))
+               "--steps", "1", "--batch-size", "2", "--ckpt", ckpt, "--n-eval", "4", "--ref-eval-n", "6",
+               "--loop-steps", "3", "--sample-batch-size", "2", "--cache-dir", cache, "--json", str(out))
     results = json.loads(out.read_text())
     assert set(results) == {"machine", "train", "loop", "sample"}
     assert "## sample" in proc.stdout and results["machine"]["threads"] >= 1
@@ -31,9 +31,8 @@ def test_bench_writes_every_section(tmp_path):
     assert sum(r.get("share", 0) for r in loop.values()) == pytest.approx(1, abs=0.01)
     assert loop["optimizer_step"]["share"] > 0.1 and loop["evaluation"]["seconds"] > 0
     rows = [(r["role"], r["sampler"], r["steps"], r["n"]) for r in results["sample"]]
-    default = imagen.SAMPLING_DEFAULTS["sampler"]
     assert rows == [("sampler", name, "2,2", 4) for name in registry.SAMPLERS.names()
                     if name not in registry.FAMILIES["ddpm"]["refuses"]] + [
-        ("default", default, "2,2", 6), ("reference", "ddpm", "20,20", 6)]
+        ("default", "ddpm,ddim", "2,2", 6), ("reference", "ddpm", "20,20", 6)]  # the checkpoint's samplers
     assert all(r["s_per_image"] > 0 and 0 <= r["color"] <= 1 for r in results["sample"])
 
