@@ -264,7 +264,7 @@ def bench_sample(args):
                     s_per_image=round(elapsed / n, 4), **score(images, prompts[:n]))
 
     all_t = [stage.diffusion.num_timesteps for stage in cascade.stages]
-    default = [registry.SAMPLERS.canonical(name) for name in registry.broadcast(opts["sampler"], len(steps), "")]
+    default = registry.broadcast(opts["sampler"], len(steps), "the checkpoint's samplers")
     return ([run("sampler", args.n_eval, [name]) for name in cascade.samplers()] +
             [run("default", args.ref_eval_n, default), run("reference", args.ref_eval_n, ["ddpm"], all_t)])
 

@@ -102,7 +102,6 @@ FAMILIES = Registry("diffusion family", {
 })
 
 
-
 def check_sampler(sampler, family, k):
     """ValueError naming the sampler and why, if it cannot run on U-Net k's diffusion family."""
     refuses = FAMILIES[family]["refuses"]
