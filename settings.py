@@ -148,7 +148,8 @@ def derived_stage_defaults(values, names):
                target=given.get("target", tuple("edm" if f == "edm" else "v" for f in families)),
                crop=given.get("crop", (0, *(s // 2 // m * m for s, m in zip(sizes[1:], multiples[1:])))),
                cond_scale=given.get("cond_scale", (3.0,) + (1.0,) * (n - 1)),
-               sampler=given.get("sampler", tuple("heun" if f == "edm" else "ddpm" for f in families)))
+               sampler=given.get("sampler", tuple("heun" if f == "edm" else imagen.SAMPLING_DEFAULTS["sampler"]
+                                                  for f in families)))
     for key in ("target", "crop", "cond_scale", "sampler"):
         out[key] = tuple(registry.broadcast(out[key], n, "--" + key.replace("_", "-")))
     return out
