@@ -105,8 +105,7 @@ FAMILIES = Registry("diffusion family", {
 def check_sampler(sampler, family, k):
     """ValueError naming the sampler and why, if it cannot run on U-Net k's diffusion family."""
     refuses = FAMILIES[family]["refuses"]
-    why = refuses.get(SAMPLERS.canonical(sampler))
-    if why:
+    if why := refuses.get(SAMPLERS.canonical(sampler)):
         raise ValueError(f"sampler {sampler!r} cannot run on U-Net {k} ({family} diffusion): {why}; use one of "
                          f"{', '.join(name for name in SAMPLERS.names() if name not in refuses)}")
 

@@ -147,7 +147,8 @@ class Attention(nn.Module):
         x = self.norm(x)  # [b, n, dim]
         k, v = self.to_kv(x if context is None else context).chunk(2, dim=-1)  # [b, m, heads * dim_head] each
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (self.to_q(x), k, v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [b, heads, n, dim_head]
+        with torch.autocast("cpu", enabled=False):  # fp32 on a CPU: its bf16 flash backward is ~4x slower (docs/)
+            out = F.scaled_dot_product_attention(*(t.float() if t.is_cpu else t for t in (q, k, v)), attn_mask=mask)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))  # [b, n, dim]
 
 
@@ -164,11 +165,11 @@ class ResnetBlock(nn.Module):
         self.res_conv = nn.Conv2d(dim_in, dim_out, 1) if dim_in != dim_out else nn.Identity()
 
     def forward(self, x, cond):
-        h = self.block1(x)  # [b, dim_out, h, w]
+        h = self.block1(x.float())  # [b, dim_out, h, w]; fp32 into GroupNorm as on CUDA (a CPU's bf16: 3x slower)
         if self.cross_attn is not None:
             h = h + to_image(self.cross_attn(to_tokens(h), cond.context, cond.mask), h.shape[2])
         scale, shift = rearrange(self.to_scale_shift(cond.time), "b (two c) -> two b c 1 1", two=2)
-        h = self.norm2(h) * (scale + 1) + shift  # [b, dim_out, h, w]
+        h = self.norm2(h.float()) * (scale + 1) + shift  # [b, dim_out, h, w]
         return self.conv2(F.silu(h)) + self.res_conv(x)
 
 
