@@ -89,14 +89,6 @@ def parse_caption(caption):
     return Caption(((two[1], two[2], None), (two[4], two[5], None)), {v: k for k, v in RELATION.items()}[two[3]])
 
 
-def all_shapes_captions():
-    """Every caption of the grammar: 270 one-object + 1080 two-object = 1350."""
-    one = [Caption(((c, s, z),), d) for c in COLORS for s in SHAPES for z in SIZE_WORDS for d in (None, *DIRECTIONS)]
-    two = [Caption(((a, s, None), (b, t, None)), d) for a in COLORS for s in SHAPES for d in DIRECTIONS
-           for b in COLORS if b != a for t in SHAPES]
-    return [caption.text() for caption in one + two]
-
-
 def _pick(rng, options):
     """A uniformly random element of options."""
     return options[rng.integers(len(options))]
@@ -209,8 +201,12 @@ class Shapes(Dataset):
         return torch.from_numpy(render(scene, self.size)).permute(2, 0, 1).contiguous(), caption  # [3, s, s]
 
     def captions(self):
-        """Every caption the grammar can produce (what the text cache precomputes)."""
-        return all_shapes_captions()
+        """Every caption the grammar can produce, what the text cache precomputes: 270 one-object + 1080 two-object."""
+        one = [Caption(((c, s, z),), d) for c in COLORS for s in SHAPES for z in SIZE_WORDS
+               for d in (None, *DIRECTIONS)]
+        two = [Caption(((a, s, None), (b, t, None)), d) for a in COLORS for s in SHAPES for d in DIRECTIONS
+               for b in COLORS if b != a for t in SHAPES]
+        return [caption.text() for caption in one + two]
 
 
 def _as_pixels(image):

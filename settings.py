@@ -7,11 +7,16 @@ import argparse
 import dataclasses
 import math
 
+import torch
+
 import diffusion
 import imagen
 import registry
 import text
 import unet
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # these replay CUDA graphs on a GPU
 
 
 def setting(default, help):
@@ -23,8 +28,7 @@ def setting(default, help):
 class Config:
     """Every setting of a training run, one flag each. The defaults suit a real run on a GPU; a recipe
     (registry.RECIPES) overrides them, flags override both. Per-stage settings hold one value per U-Net."""
-    recipe: str = setting("", "a recipe: " + ", ".join(registry.RECIPES.names()) + " (default: shapes, unless "
-                          "--unets is given)")
+    recipe: str = setting("", "a recipe: " + ", ".join(registry.RECIPES.names()) + " (default: shapes without --unets)")
     unets: tuple = setting((), "comma list of U-Net presets, base first: " + ", ".join(registry.UNETS.names()))
     sizes: tuple = setting((), "image side per U-Net, increasing (default: each preset's own)")
     data: str = setting("shapes", "'shapes' (built-in), an image+caption folder, or a folder of .tar shards")
@@ -38,7 +42,7 @@ class Config:
     lr_final: float = setting(1.0, "learning rate at the end of the budget, a fraction of --lr, by cosine decay")
     grad_clip: float = setting(1.0, "max global gradient norm")
     ema_decay: float = setting(0.9999, "EMA decay, warmed up as min(decay, (1 + n) / (10 + n))")
-    precision: tuple = setting(("fp32",), "autocast precision per U-Net: fp32, bf16 or fp16")
+    precision: tuple = setting(("auto",), "autocast per U-Net: auto (bf16 where native, else fp32), fp32, bf16, fp16")
     channels_last: tuple = setting((1,), "channels_last memory format per U-Net: 1 or 0")
     checkpointing: tuple = setting((0,), "activation checkpointing per U-Net: 1 (less memory, more compute) or 0")
     family: tuple = setting(("ddpm",), "diffusion family per U-Net: " + ", ".join(registry.FAMILIES.names()))
@@ -75,8 +79,7 @@ class Config:
                            "machine's load, re-timed on real steps (speed only; a number makes runs bit-identical)")
     workers: int = setting(1, "DataLoader worker processes")
     device: str = setting("auto", "auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
-    compile: str = setting("", "torch.compile each stage in this mode: default, reduce-overhead, max-autotune, "
-                           "max-autotune-no-cudagraphs")
+    compile: str = setting("", "torch.compile each stage in this mode: " + ", ".join(COMPILE_MODES))
     cache_dir: str = setting(text.DEFAULT_CACHE_DIR, "text-embedding cache folder")
     encoder_dtype: str = setting("fp32", "text encoder precision for the caption precompute: fp32, bf16, fp16")
 
@@ -89,9 +92,7 @@ PER_STAGE = dict(unets=str, sizes=int, steps=int, minutes=float, batch_size=int,
 SAME_ON_RESUME = ("data", "seed", "holdout", "hflip", "lr", "warmup", "lr_final", "grad_clip", "ema_decay",
                   "grad_accum", "batch_size", "precision", "layout_phase", "layout_level")
 LEAST = dict(steps=1, batch_size=1, timesteps=2, sample_steps=1, grad_accum=1, log_every=1, save_every=0,
-             sample_every=0, eval_every=0, keep=0, workers=0, warmup=0)
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # these replay CUDA graphs on a GPU
+             sample_every=0, eval_every=0, keep=0, workers=0, warmup=0, minutes=0)
 
 
 def parse_config(argv=None):
@@ -138,13 +139,16 @@ def scalar(value, cast, name):
 
 
 def derived_stage_defaults(values, names):
-    """Per-stage settings whose default depends on the stages: sizes, targets, crops, guidance scales, samplers."""
+    """Per-stage defaults that depend on the stages or device: sizes, precision, targets, crops, scales, samplers."""
     n, given = len(names), {key: values[key] for key in ("sizes", "target", "crop", "cond_scale", "sampler")
                             if values[key]}
     sizes = given.get("sizes", tuple(registry.UNETS[name]["size"] for name in names))
     multiples = [unet.size_multiple(**registry.unet_kwargs(name)) for name in names]
     families = [registry.FAMILIES.canonical(f) for f in values["family"]]
+    kind = registry.pick_device(values["device"]).split(":")[0]
+    bf16 = torch.cpu._is_avx512_bf16_supported() if kind == "cpu" else kind == "cuda" and torch.cuda.is_bf16_supported()
     out = dict(sizes=sizes, family=tuple(families),
+               precision=tuple(("bf16" if bf16 else "fp32") if p == "auto" else p for p in values["precision"]),
                target=given.get("target", tuple("edm" if f == "edm" else "v" for f in families)),
                crop=given.get("crop", (0, *(s // 2 // m * m for s, m in zip(sizes[1:], multiples[1:])))),
                cond_scale=given.get("cond_scale", (3.0,) + (1.0,) * (n - 1)),
@@ -176,8 +180,7 @@ def check(cfg):
         if (min(value) if name in PER_STAGE else value) < least:
             need = "every U-Net needs" if name in PER_STAGE else "must be"
             raise ValueError(f"--{name.replace('_', '-')} {value}: {need} at least {least}")
-    checks = [("minutes", min(cfg.minutes) >= 0, "a cap >= 0 per U-Net (0 = none)"),
-              ("precision", set(cfg.precision) <= {"fp32", "bf16", "fp16"}, "fp32, bf16 or fp16 per U-Net"),
+    checks = [("precision", set(cfg.precision) <= {"fp32", "bf16", "fp16"}, "auto, fp32, bf16 or fp16 per U-Net"),
               ("channels_last", set(cfg.channels_last) <= {0, 1}, "1 (channels_last) or 0 per U-Net"),
               ("checkpointing", set(cfg.checkpointing) <= {0, 1}, "1 (checkpointed) or 0 per U-Net"),
               ("layout_level", 0 <= cfg.layout_level < 1, "a noise level in [0, 1)"),

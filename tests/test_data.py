@@ -45,11 +45,11 @@ def test_sampled_captions_cover_every_pattern_and_word():
     assert 0.45 < len(one) / len(captions) < 0.55
     assert len({(m[1], m[4]) for m in one}) == 3 * 5  # every size word (or none) with every position (or none)
     assert len({TWO.fullmatch(c)[3] for c in captions if TWO.fullmatch(c)}) == 4
-    assert set(captions) <= set(data.all_shapes_captions())
+    assert set(captions) <= set(data.Shapes().captions())
 
 
 def test_all_captions_enumerates_the_grammar():
-    captions = data.all_shapes_captions()
+    captions = data.Shapes().captions()
     assert len(captions) == len(set(captions)) == 1350
     assert sum(bool(ONE.fullmatch(c)) for c in captions) == 270
     assert sum(bool(TWO.fullmatch(c)) for c in captions) == 1080

@@ -130,6 +130,15 @@ def test_training_cost_grows_with_the_batch_and_checkpointing_keeps_less():
     assert one["bytes"] < four["bytes"] and saved["bytes"] < four["bytes"] and saved["flops"] > four["flops"]
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_natively(monkeypatch, native):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    auto = "bf16" if native else "fp32"
+    assert settings.parse_config(["--device", "cpu"]).precision == (auto, auto)  # the default recipe
+    cfg = settings.parse_config(["--unets", "base-test,super-test", "--device", "cpu", "--precision", "auto,fp32"])
+    assert cfg.precision == (auto, "fp32")
+
+
 def test_the_gpu_recipe_builds_and_trains_a_few_steps_at_tiny_sizes(tmp_path, cache_dir):
     from conftest import captioned_pictures
     from test_cli import read_log, run
