@@ -134,7 +134,7 @@ def test_training_cost_grows_with_the_batch_and_checkpointing_keeps_less():
 def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_natively(monkeypatch, native):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
     auto = "bf16" if native else "fp32"
-    assert settings.parse_config(["--device", "cpu"]).precision == (auto, auto)  # the default recipe
+    assert settings.parse_config(["--unets", "base-test,super-test", "--device", "cpu"]).precision == (auto, auto)
     cfg = settings.parse_config(["--unets", "base-test,super-test", "--device", "cpu", "--precision", "auto,fp32"])
     assert cfg.precision == (auto, "fp32")
 
