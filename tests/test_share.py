@@ -54,6 +54,7 @@ def test_a_tracker_that_is_not_installed_is_one_line_naming_the_extra(tmp_path, 
 
 def fake_devices(monkeypatch, cuda, mps):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: cuda)  # what --precision auto asks a GPU
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
 
 
