@@ -145,7 +145,7 @@ def derived_stage_defaults(values, names):
     sizes = given.get("sizes", tuple(registry.UNETS[name]["size"] for name in names))
     multiples = [unet.size_multiple(**registry.unet_kwargs(name)) for name in names]
     families = [registry.FAMILIES.canonical(f) for f in values["family"]]
-    kind = registry.pick_device(values["device"]).split(":")[0]
+    kind = registry.pick_device(values["device"]).split(":")[0] if "auto" in values["precision"] else None
     bf16 = torch.cpu._is_avx512_bf16_supported() if kind == "cpu" else kind == "cuda" and torch.cuda.is_bf16_supported()
     out = dict(sizes=sizes, family=tuple(families),
                precision=tuple(("bf16" if bf16 else "fp32") if p == "auto" else p for p in values["precision"]),
