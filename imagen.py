@@ -4,6 +4,7 @@
 whole). `Imagen` chains stages: a base model, then super-resolution models conditioned on the previous stage's
 output (Imagen, arXiv 2205.11487 §2.4). Images are in [-1, 1] inside, [0, 1] at the edges.
 """
+import ctypes
 import dataclasses
 import functools
 import itertools
@@ -147,7 +148,7 @@ def training_cost(config, k, batch_size, checkpointing=False):
         return tensor
     with torch.device("meta"):
         stage = build_stages(config)[k].to("meta")  # the diffusion's coefficients are computed on the host
-        stage.unet.set_checkpointing(checkpointing)
+        stage.unet.checkpointing = checkpointing
         size, n, d = stage.size, config["max_text_len"], config["text_embed_dim"]
         inputs = torch.zeros(batch_size, 3, size, size), torch.zeros(batch_size, n, d), torch.ones(batch_size, n).bool()
         with FlopCounterMode(display=False) as counter:
@@ -235,6 +236,14 @@ def save_grid(images, path, nrow):
         r, c = divmod(i, nrow)
         grid[:, r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = img
     to_pil(grid).save(path)
+
+
+def reuse_freed_memory(device):
+    """On a CPU, keep freed tensors' memory for the next step: glibc's malloc returns it to the OS and faults it back
+    in page by page every step otherwise (docs/experiments.md; PyTorch's CPU tuning guide swaps allocators for it)."""
+    if device.type == "cpu" and os.name == "posix" and hasattr(libc := ctypes.CDLL(None), "mallopt"):  # glibc, musl
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MB (glibc's most) come from the heap ...
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: ... which keeps up to 1 GB free at its top
 
 
 # ---- checkpoints: one self-describing file per U-Net, so stages can train as parallel jobs in one folder ----

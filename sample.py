@@ -95,6 +95,7 @@ def sampling_options(args):
 
 def load_for_sampling(ckpt, device, *, ema, stop_at_unet, cache_dir):
     """(cascade, stop_at, text cache) for a checkpoint: U-Nets 0..stop_at_unet (None: every trained U-Net)."""
+    imagen.reuse_freed_memory(torch.device(device))
     cascade, trained = imagen.load_cascade(ckpt, device, ema=ema)
     stop_at = trained if stop_at_unet is None else stop_at_unet + 1
     if not 1 <= stop_at <= trained:

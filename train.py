@@ -35,7 +35,6 @@ import registry
 import text
 from settings import PER_STAGE, SAME_ON_RESUME, cascade_config, layout_window, parse_config
 
-
 GRID_PROMPTS, HELDOUT_N = 8, 64  # images in a sample grid; held-out samples whose loss is logged
 MAX_UNUSABLE = 1000  # consecutive unusable samples (unreadable image or no caption) before training stops
 MAX_BAD_STEPS = 10  # consecutive non-finite losses before training stops
@@ -109,9 +108,10 @@ def check_memory(cfg, config, k, device):
 def build_parts(cfg, cascade, k, device, world):
     """Stage k on the device with its optimizer, EMA and grad scaler."""
     check_memory(cfg, cascade.config, k, device)
+    imagen.reuse_freed_memory(device)
     memory_format = torch.channels_last if cfg.channels_last[k] else torch.contiguous_format
     stage = cascade.stages[k].to(device, memory_format=memory_format)
-    stage.unet.set_checkpointing(bool(cfg.checkpointing[k]))
+    stage.unet.checkpointing = bool(cfg.checkpointing[k])
     opt = torch.optim.AdamW(stage.parameters(), lr=cfg.lr[k], betas=(0.9, 0.99), weight_decay=0.01,
                             fused=True)  # one kernel for all parameters, not a Python loop over them
     ema = AveragedModel(stage.unet, multi_avg_fn=ema_update(cfg.ema_decay), use_buffers=True)
@@ -296,13 +296,11 @@ def resume(parts, path, config, cfg, device):
         raise ValueError(f"{path} holds U-Net {parts.k} of another cascade ({mismatch}, checkpoint -> this "
                          "command); use another --out or the command that made it")
     settings_changed(s.get("settings"), cfg, parts.k, path)
-    parts.stage.unet.load_state_dict(s["model"])
-    parts.ema.module.load_state_dict(s["ema"])
+    for part, key in ((parts.stage.unet, "model"), (parts.ema.module, "ema"), (parts.opt, "optimizer"),
+                      (parts.scaler, "scaler")):
+        part.load_state_dict(s[key])
     parts.ema.n_averaged.copy_(s["ema_n"])
-    parts.opt.load_state_dict(s["optimizer"])
-    parts.scaler.load_state_dict(s["scaler"])
-    return {key: s[key] for key in ("step", "position", "elapsed", "skipped")} | dict(
-        data_digest=s.get("data_digest", ""))
+    return {key: s.get(key, "") for key in ("step", "position", "elapsed", "skipped", "data_digest")}
 
 
 def init_from(parts, source, path, rank):

@@ -276,7 +276,7 @@ class Unet(nn.Module):
         self.mid_block1 = resnet(dims[-1], dims[-1], cond_dim=cond_dim)
         self.mid_attn = transformer(dims[-1]) if attns[-1] else nn.Identity()
         self.mid_block2 = resnet(dims[-1], dims[-1], cond_dim=cond_dim)
-        self.checkpointing = False  # set_checkpointing: recompute each level in the backward pass
+        self.checkpointing = False  # activation checkpointing while training: see _run
         self.final_conv = nn.Conv2d(2 * dim, channels, 3, padding=1)  # reads the features and the first conv's
         nn.init.zeros_(self.final_conv.weight)  # the untrained U-Net predicts 0
         nn.init.zeros_(self.final_conv.bias)
@@ -284,10 +284,8 @@ class Unet(nn.Module):
     def forward(self, x, time, text_embeds, text_mask, *, lowres_img=None, lowres_noise_time=None, cond_drop_prob=0.0):
         """Output [b, c, h, w]; each sample's text is dropped with probability cond_drop_prob (classifier-free)."""
         b = x.shape[0]
-        if cond_drop_prob > 0:
-            keep_text = torch.rand(b, device=x.device) >= cond_drop_prob  # [b]
-        else:
-            keep_text = torch.ones(b, dtype=torch.bool, device=x.device)  # [b]
+        keep_text = (torch.rand(b, device=x.device) >= cond_drop_prob if cond_drop_prob > 0  # [b]
+                     else torch.ones(b, dtype=torch.bool, device=x.device))
         return self._denoise(x, time, text_embeds, text_mask, keep_text, lowres_img, lowres_noise_time)
 
     def forward_with_cond_scale(self, x, time, text_embeds, text_mask, *, cond_scale=1.0, lowres_img=None,
@@ -326,14 +324,9 @@ class Unet(nn.Module):
         """The bottleneck: ResnetBlock, [TransformerBlock], ResnetBlock."""
         return self.mid_block2(self.mid_attn(self.mid_block1(x, cond)), cond)
 
-    def set_checkpointing(self, on):
-        """Activation checkpointing (Chen et al. 2016): each level's activations are recomputed in the backward pass
-        instead of kept, for less memory at the cost of one more forward pass of the levels."""
-        self.checkpointing = on
-        return self
-
     def _run(self, level, *inputs):
-        """level(*inputs), checkpointed while training with checkpointing on."""
+        """level(*inputs); while training with checkpointing on, its activations are recomputed in the backward pass
+        instead of kept (Chen et al. 2016): less memory, one more forward pass of the levels."""
         if self.checkpointing and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(level, *inputs, use_reentrant=False)
         return level(*inputs)

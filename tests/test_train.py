@@ -99,7 +99,7 @@ def test_checkpointing_gives_the_same_loss_and_gradients_with_less_kept_activati
     images, emb, mask = torch.rand(4, 3, 32, 32) * 2 - 1, torch.randn(4, 5, 384), torch.ones(4, 5, dtype=torch.bool)
     results = []
     for on in (False, True):
-        stage.unet.set_checkpointing(on)
+        stage.unet.checkpointing = on
         stage.zero_grad()
         torch.manual_seed(1)
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
