@@ -187,7 +187,6 @@ def test_a_stage_of_another_encoder_or_previous_stage_is_refused_naming_the_diff
     assert difference in str(e.value)
 
 
-
 CHURN = """
 import resource, sys, torch, imagen
 imagen.reuse_freed_memory(torch.device("cpu"))
