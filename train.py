@@ -286,8 +286,8 @@ def checkpoint(parts, config, cfg, state):
 
 
 def resume(parts, path, config, cfg, device):
-    """Load stage k's checkpoint into parts if one exists -> its counters ({} if none). Refuses a checkpoint of
-    another cascade or of settings that would change the run's meaning; says when the budget changed."""
+    """Load stage k's checkpoint into parts if one exists -> its counters ({} if none; older: no data_digest).
+    Refuses another cascade's checkpoint or settings that would change the run's meaning; notes a changed budget."""
     if not os.path.exists(path):
         return {}
     s = imagen.require(imagen.load_checkpoint(path, device), path, CHECKPOINT_KEYS)
@@ -300,7 +300,7 @@ def resume(parts, path, config, cfg, device):
                       (parts.scaler, "scaler")):
         part.load_state_dict(s[key])
     parts.ema.n_averaged.copy_(s["ema_n"])
-    return {key: s.get(key, "") for key in ("step", "position", "elapsed", "skipped", "data_digest")}
+    return {key: s[key] for key in ("step", "position", "elapsed", "skipped", "data_digest") if key in s}
 
 
 def init_from(parts, source, path, rank):

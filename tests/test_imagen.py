@@ -188,7 +188,7 @@ def test_a_stage_of_another_encoder_or_previous_stage_is_refused_naming_the_diff
 
 
 CHURN = """
-import resource, sys, torch, imagen
+import resource, torch, imagen
 imagen.reuse_freed_memory(torch.device("cpu"))
 step = lambda: [torch.ones(4 << 20) for _ in range(3)]  # a step's activations: three 16 MB tensors, freed together
 step()
