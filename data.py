@@ -52,6 +52,7 @@ PALETTE = np.array(list(COLORS.values()), np.float32)  # [k, 3]
 UNIT_AREA = {"circle": np.pi, "square": (2 * SQUARE_HALF_SIDE) ** 2,  # area at r = 1
              "triangle": 3 * 3 ** 0.5 / 4 * TRIANGLE_CIRCUMRADIUS ** 2}
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+DECODED_BYTES = 2**29  # an image folder keeps this much of its decoded images in memory, in each loader process
 HOLDOUT_SEED = 20_251_203  # which samples are held out from training (never the training --seed)
 
 
@@ -366,13 +367,17 @@ class ImageFolder(Dataset):
         rows = _manifest_rows(self.root)
         self.rows = [(f, (c or "").strip()) for f, c in (_paired_rows(self.root) if rows is None else rows)]
         _check_captioned(f"image folder {str(root)!r}", self.captions())
+        self.decoded = {}  # index -> item, up to DECODED_BYTES: a small set is decoded once, not once an epoch
 
     def __len__(self):
         return len(self.rows)
 
     def __getitem__(self, index):
         file, caption = self.rows[index]
-        return _item(None if file is None else self.root / file, caption, self.size)
+        item = self.decoded.get(index) or _item(None if file is None else self.root / file, caption, self.size)
+        if len(self.decoded) * 3 * self.size ** 2 < DECODED_BYTES:
+            self.decoded[index] = item
+        return item
 
     def captions(self):
         """Every sample's caption ('' where it has none), in index order."""

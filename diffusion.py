@@ -301,9 +301,7 @@ class Edit:
 
     def keep_known(self, x, alpha, sigma, generator):
         """Kept pixels replaced by the image noised to x's level (RePaint, Eq. 8); x as it is without a mask."""
-        if self.keep is None:
-            return x
-        return self.keep * self.noised(x, alpha, sigma, generator) + (1 - self.keep) * x
+        return x if self.keep is None else self.keep * self.noised(x, alpha, sigma, generator) + (1 - self.keep) * x
 
 
 def _run(step, x, alpha, sigma, edit, generator):

@@ -41,9 +41,8 @@ SAMPLING_DEFAULTS = dict(
 
 def resize(images, size):
     """Antialiased bilinear resize of [b, c, h, w] images to size x size, the same in training and sampling."""
-    if images.shape[-1] == size:
-        return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return images if images.shape[-1] == size else F.interpolate(images, size=(size, size), mode="bilinear",
+                                                                 antialias=True, align_corners=False)
 
 
 def random_crops(tensors, side):

@@ -60,9 +60,8 @@ def layout_level(cfg, k, step):
 
 def ema_update(decay):
     """EMA update for AveragedModel with warmup: decay_n = min(decay, (1 + n) / (10 + n))."""
-    def update(ema_params, params, n):
-        torch._foreach_lerp_(ema_params, params, 1 - min(decay, (1 + float(n)) / (10 + float(n))))
-    return update
+    return lambda ema_params, params, n: torch._foreach_lerp_(ema_params, params,
+                                                              1 - min(decay, (1 + float(n)) / (10 + float(n))))
 
 
 def step_outcome(loss, norm, fp16):
@@ -388,9 +387,8 @@ class ThreadTuner:
         if flag != "auto":
             torch.set_num_threads(int(flag))
         most = torch.get_num_threads()
-        if flag != "auto" or device.type != "cpu":
-            return cls([most])
-        return cls(sorted({most >> i for i in range(most.bit_length())} - {0}, reverse=True))
+        return cls([most] if flag != "auto" or device.type != "cpu" else
+                   sorted({most >> i for i in range(most.bit_length())} - {0}, reverse=True))
 
     def choose(self, step):
         """Set and return the thread count for optimizer step `step`."""

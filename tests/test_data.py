@@ -226,6 +226,20 @@ def test_image_folder_pairs_skip_and_count_bad_files(tmp_path):
     check_bad_samples([dataset[i] for i in range(len(dataset))])
 
 
+def test_a_small_image_folder_is_decoded_once_a_larger_one_beyond_the_budget_as_read(tmp_path, monkeypatch):
+    write_bad_samples(lambda name, ext, payload: (tmp_path / f"{name}.{ext}").write_bytes(payload))
+    small = data.ImageFolder(tmp_path, 16)
+    first = [small[i] for i in range(len(small))]
+    monkeypatch.setattr(data, "DECODED_BYTES", 2 * 3 * 16 ** 2)  # room for two decoded images
+    large = data.ImageFolder(tmp_path, 16)
+    [large[i] for i in range(len(large))]
+    (tmp_path / "b.png").unlink()  # index 1, decoded by both
+    (tmp_path / "c.png").write_bytes(image_bytes(0, fmt="PNG"))  # index 2: now black, decoded only by small
+    check_bad_samples([small[i] for i in range(len(small))])  # a second epoch: the same samples and skips
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, [small[i] for i in range(len(small))]) if a)
+    assert large[1] is not None and (large[2][0] == 0).all()
+
+
 @pytest.mark.parametrize("manifest", ["jsonl", "csv"])
 def test_image_folder_manifests(tmp_path, manifest):
     (tmp_path / "img").mkdir()
