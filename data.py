@@ -247,11 +247,6 @@ def _largest_component(mask):
         labels = spread
 
 
-def _filled(blob):
-    """The blob with its holes filled (everything the outer background cannot reach)."""
-    return ~_largest_component(~blob)
-
-
 def _shape_of(blob):
     """The shape whose ideal (same area and centroid, upright) overlaps the blob best, or None if all overlap poorly."""
     ys, xs = np.nonzero(blob)
@@ -286,7 +281,8 @@ def judge(image, caption):
     present = areas >= MIN_AREA * labels.size
     wanted = [list(COLORS).index(color) for color, _, _ in parsed.objects]
     largest = np.argsort(-areas, kind="stable")[:len(wanted)]
-    blobs = [_filled(_largest_component(labels == k)) if present[k] else None for k in wanted]
+    # each wanted colour's largest blob with its holes filled (all that the largest background part cannot reach)
+    blobs = [~_largest_component(~_largest_component(labels == k)) if present[k] else None for k in wanted]
     found = all(blob is not None for blob in blobs)
     return {"color": bool(present[largest].all()) and set(largest) == set(wanted),
             "shape": found and all(_shape_of(b) == shape for b, (_, shape, _) in zip(blobs, parsed.objects)),

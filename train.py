@@ -40,6 +40,7 @@ MAX_UNUSABLE = 1000  # consecutive unusable samples (unreadable image or no capt
 MAX_BAD_STEPS = 10  # consecutive non-finite losses before training stops
 TUNE_EVERY, TUNE_STEPS = 500, 3  # CPU thread counts are re-timed every TUNE_EVERY steps, TUNE_STEPS steps each
 SLOWDOWN = 3  # ... and at once after a step this many times slower than its count's median
+STARTUP_THREADS = torch.get_num_threads()  # torch's count (the cores, or OMP_NUM_THREADS) before a tuner sets it
 CHECKPOINT_KEYS = ("config", "model", "ema", "ema_n", "optimizer", "scaler", "step", "position", "elapsed", "skipped")
 
 
@@ -374,19 +375,19 @@ def write_grid(cascade, parts, cache, path, heldout, only_unet):
 
 class ThreadTuner:
     """Trains at the CPU thread count that runs steps fastest under the machine's current load: a speed-only choice.
-    At the start of every TUNE_EVERY steps, and whenever a step runs SLOWDOWN times slower than before, each option
-    runs TUNE_STEPS real training steps; the rest use the fastest (median). Every op waits for all of torch's
-    threads, so a core taken by another program slows every thread count but 1 (docs/experiments.md)."""
+    At the start of every TUNE_EVERY steps, and whenever a step runs SLOWDOWN times slower than before, the options
+    take turns for TUNE_STEPS real training steps each (a passing load hits them alike); the rest use the fastest
+    (median). Every op waits for all of torch's threads: a core taken by another program slows all counts but 1."""
 
     def __init__(self, options):
         self.options, self.seconds, self.round = options, {}, -1  # seconds: thread count -> this round's step times
 
     @classmethod
     def for_run(cls, flag, device):
-        """Tuner over N, N/2, ..., 1 threads (`flag` auto on a CPU), or one fixed count (a number)."""
-        if flag != "auto":
-            torch.set_num_threads(int(flag))
-        most = torch.get_num_threads()
+        """Tuner over N, N/2, ..., 1 threads (`flag` auto on a CPU; N = STARTUP_THREADS, whatever count an earlier
+        stage's tuner left), or one fixed count (a number)."""
+        most = STARTUP_THREADS if flag == "auto" else int(flag)
+        torch.set_num_threads(most)
         return cls([most] if flag != "auto" or device.type != "cpu" else
                    sorted({most >> i for i in range(most.bit_length())} - {0}, reverse=True))
 
@@ -394,8 +395,9 @@ class ThreadTuner:
         """Set and return the thread count for optimizer step `step`."""
         if step // TUNE_EVERY != self.round:  # a new round of trials
             self.round, self.seconds = step // TUNE_EVERY, {}
-        untimed = [n for n in self.options if len(self.seconds.get(n, ())) < TUNE_STEPS]
-        threads = untimed[0] if untimed else min(self.seconds, key=lambda n: statistics.median(self.seconds[n]))
+        fewest = min(self.options, key=lambda n: len(self.seconds.get(n, ())))  # the counts' trials take turns
+        threads = fewest if len(self.seconds.get(fewest, ())) < TUNE_STEPS else min(
+            self.seconds, key=lambda n: statistics.median(self.seconds[n]))
         torch.set_num_threads(threads)
         return threads
 
