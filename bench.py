@@ -121,6 +121,7 @@ def run_steps(parts, stream, n, cfg):
 def train_case(case):
     """images/s and peak memory of timed steps of train.py's own optimizer step on its own model inputs."""
     args, k, precision, channels_last, compiled, text_source = case
+    torch.set_num_threads(train.STARTUP_THREADS)  # every core, whatever count a loop's thread tuner left
     parts, stream, cfg = parts_and_batches(args, k, text_source, precision=precision, channels_last=channels_last,
                                            compile=compiled)
     device = torch.device(args.device)
@@ -193,8 +194,7 @@ def in_fresh_processes(fn, cases):
 # ---- loop: where a real train.py run's wall clock goes, against its isolated step ----
 
 LOOP_PARTS = dict(  # part -> (function, the function that calls it) pairs of train.py's loop
-    data=[("read_batch", "train_stage")], text=[("model_inputs", "train_stage")],
-    ema=[("update_parameters", "optimizer_step")],  # AveragedModel's
+    data=[("read_batch", "train_stage")], text=[("model_inputs", "train_stage")], ema=[("follow", "optimizer_step")],
     evaluation=[("heldout_loss", "train_stage"), ("write_grid", "train_stage")],
     saving=[("save_checkpoint", "save")], logging=[("log", "train_stage")])
 
@@ -234,8 +234,8 @@ def bench_loop(args):
     cfg, rows = bench_config(args), []
     for k in range(len(cfg.unets)):
         case = (args, k, cfg.precision[k], cfg.channels_last[k], None, "cached")
-        before, loop = in_fresh_processes(train_case, [case]), loop_case((args, k))  # here: its loader has workers
-        isolated = [row["images_per_s"] for row in before + in_fresh_processes(train_case, [case])]  # before, after
+        before, loop = train_case(case)["images_per_s"], loop_case((args, k))  # in one process: the same allocator
+        isolated = [before, train_case(case)["images_per_s"]]  # just before and just after the loop
         loop[0]["of_isolated_step"] = round(2 * loop[0]["images_per_s"] / sum(isolated), 3)  # their mean: drift cancels
         rows += [dict(stage=loop[0]["stage"], part="isolated step", images_per_s=isolated)] + loop
     return rows

@@ -31,12 +31,10 @@ STAGE_DEFAULTS = dict(
     lowres_aug_max=0.5,          # noise-conditioning augmentation levels drawn from [0, max] (Imagen App. E)
     crop=None,                   # super-resolution: train on random crops of this side (Imagen App. F), None = whole
 )
-# Sampling defaults, overridable on every command line; per-stage lists where stages differ.
-SAMPLING_DEFAULTS = dict(
-    # ancestral ddpm over 20 respaced steps: as good as dpmpp-2m, slightly better on shapes (docs/experiments.md)
-    # static thresholding: on white-background data, dynamic thresholding's division by s greys the background
-    sampler="ddpm", steps=20, cond_scale=3.0, lowres_noise=0.2, threshold="static", threshold_p=0.995,
-)
+# Sampling defaults (any command line overrides them; per-stage lists where stages differ): ancestral ddpm, 20 steps,
+# as good as dpmpp-2m; static thresholding, as dynamic's division by s greys white backgrounds (docs/experiments.md)
+SAMPLING_DEFAULTS = dict(sampler="ddpm", steps=20, cond_scale=3.0, lowres_noise=0.2, threshold="static",
+                         threshold_p=0.995)
 
 
 def resize(images, size):

@@ -90,8 +90,7 @@ SAMPLERS = Registry("sampler", {
     "heun": diffusion.sample_heun,
 })
 
-# Diffusion families: how a stage's settings (imagen.STAGE_DEFAULTS) make its diffusion, and the samplers that
-# cannot run on it, with why.
+# Diffusion families: how a stage's settings (imagen.STAGE_DEFAULTS) make its diffusion; samplers it refuses, why.
 FAMILIES = Registry("diffusion family", {
     "ddpm": dict(make=lambda s: diffusion.Diffusion(SCHEDULES[s["schedule"]](s["timesteps"])),
                  refuses={"heun": "EDM's Algorithm 2 evaluates the model at any σ; a ddpm stage knows T discrete "

@@ -80,9 +80,7 @@ def finite_scale(value):
 
 def sampling_options(args):
     """The sampling flags as checked plain data for imagen.Imagen.sample; None where the checkpoint's default holds.
-
-    sampler, steps and cond_scale are per-U-Net lists (one value for every U-Net, or one each).
-    """
+    sampler, steps and cond_scale are per-U-Net lists (one value for every U-Net, or one each)."""
     def listed(value, cast, flag):
         return None if value is None else registry.comma_list(value, cast, flag)
     return dict(sampler=listed(args.sampler, registry.SAMPLERS.canonical, "--sampler"),

@@ -8,6 +8,7 @@ exactly. SIGTERM or Ctrl-C finishes the current step, saves and exits with 128 +
 a second Ctrl-C stops at once. Multi-GPU: `torchrun --nproc_per_node=N train.py ...` (DDP from torchrun's env vars).
 """
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import importlib
@@ -26,7 +27,6 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from PIL import Image
-from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 import data
@@ -59,10 +59,16 @@ def layout_level(cfg, k, step):
     return cfg.layout_level if start <= step / cfg.steps[k] < end else None
 
 
-def ema_update(decay):
-    """EMA update for AveragedModel with warmup: decay_n = min(decay, (1 + n) / (10 + n))."""
-    return lambda ema_params, params, n: torch._foreach_lerp_(ema_params, params,
-                                                              1 - min(decay, (1 + float(n)) / (10 + float(n))))
+class EMA:
+    """The U-Net's weights and buffers, averaged: update n (from 0) lerps them by 1 - min(decay, (1 + n) / (10 + n))."""
+
+    def __init__(self, unet, decay):
+        self.module, self.decay, self.n = copy.deepcopy(unet).requires_grad_(False), decay, 0
+        self.pairs = [list(m.state_dict().values()) for m in (self.module, unet)]  # views of the tensors themselves
+
+    def follow(self):
+        torch._foreach_lerp_(*self.pairs, 1 - min(self.decay, (1 + self.n) / (10 + self.n)))  # one fused kernel
+        self.n += 1
 
 
 def step_outcome(loss, norm, fp16):
@@ -77,7 +83,7 @@ class Parts(NamedTuple):
     stage: imagen.Stage
     model: torch.nn.Module
     opt: torch.optim.Optimizer
-    ema: AveragedModel
+    ema: EMA
     scaler: torch.amp.GradScaler
     autocast: dict
     memory_format: torch.memory_format
@@ -114,7 +120,7 @@ def build_parts(cfg, cascade, k, device, world):
     stage.unet.checkpointing = bool(cfg.checkpointing[k])
     opt = torch.optim.AdamW(stage.parameters(), lr=cfg.lr[k], betas=(0.9, 0.99), weight_decay=0.01,
                             fused=True)  # one kernel for all parameters, not a Python loop over them
-    ema = AveragedModel(stage.unet, multi_avg_fn=ema_update(cfg.ema_decay), use_buffers=True)
+    ema = EMA(stage.unet, cfg.ema_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision[k] == "fp16")
     model = DistributedDataParallel(stage) if world > 1 else stage
     model = torch.compile(model, mode=cfg.compile) if cfg.compile else model
@@ -145,7 +151,7 @@ def optimizer_step(parts, micro_batches, lr, level, world, grad_clip):
     outcome = step_outcome(total, norm, fp16=parts.scaler.is_enabled())
     if outcome == "applied":
         parts.scaler.step(parts.opt)
-        parts.ema.update_parameters(parts.stage.unet)
+        parts.ema.follow()
     parts.scaler.update()  # an overflow (found by unscale_) lowers the fp16 scale
     parts.opt.zero_grad(set_to_none=True)
     return total, outcome
@@ -281,7 +287,7 @@ def shared_clock_and_signal(elapsed, rank, world, device):
 def checkpoint(parts, config, cfg, state):
     """The one checkpoint dict of a stage: cascade, settings, weights, EMA, optimizer, scaler and position."""
     return dict(config=config, settings=dataclasses.asdict(cfg), unet=parts.k, model=parts.stage.unet.state_dict(),
-                ema=parts.ema.module.state_dict(), ema_n=parts.ema.n_averaged, optimizer=parts.opt.state_dict(),
+                ema=parts.ema.module.state_dict(), ema_n=parts.ema.n, optimizer=parts.opt.state_dict(),
                 scaler=parts.scaler.state_dict(), **state)
 
 
@@ -299,7 +305,7 @@ def resume(parts, path, config, cfg, device):
     for part, key in ((parts.stage.unet, "model"), (parts.ema.module, "ema"), (parts.opt, "optimizer"),
                       (parts.scaler, "scaler")):
         part.load_state_dict(s[key])
-    parts.ema.n_averaged.copy_(s["ema_n"])
+    parts.ema.n = int(s["ema_n"])
     return {key: s[key] for key in ("step", "position", "elapsed", "skipped", "data_digest") if key in s}
 
 
@@ -374,18 +380,18 @@ def write_grid(cascade, parts, cache, path, heldout, only_unet):
 
 
 class ThreadTuner:
-    """Trains at the CPU thread count that runs steps fastest under the machine's current load: a speed-only choice.
-    At the start of every TUNE_EVERY steps, and whenever a step runs SLOWDOWN times slower than before, the options
-    take turns for TUNE_STEPS real training steps each (a passing load hits them alike); the rest use the fastest
-    (median). Every op waits for all of torch's threads: a core taken by another program slows all counts but 1."""
+    """Trains at the CPU thread count that runs steps fastest under the machine's current load (speed only). A round
+    of trials gives each count TUNE_STEPS real steps, taking turns (a passing load hits them alike); the rest of the
+    round uses the fastest (median). A round lasts TUNE_EVERY steps; one that chose fewer threads than all, 1/8, 1/4,
+    1/2 of that in a row; a step SLOWDOWN times slower starts one. Another program on a core slows all counts but 1."""
 
     def __init__(self, options):
-        self.options, self.seconds, self.round = options, {}, -1  # seconds: thread count -> this round's step times
+        self.options, self.seconds = options, {}  # seconds: thread count -> this round's step times
+        self.start, self.streak = 0, 0  # this round's first step; rounds in a row that chose fewer threads than all
 
     @classmethod
     def for_run(cls, flag, device):
-        """Tuner over N, N/2, ..., 1 threads (`flag` auto on a CPU; N = STARTUP_THREADS, whatever count an earlier
-        stage's tuner left), or one fixed count (a number)."""
+        """Tuner over N, N/2, ..., 1 threads (`flag` auto on a CPU; N = STARTUP_THREADS), or the count `flag` gives."""
         most = STARTUP_THREADS if flag == "auto" else int(flag)
         torch.set_num_threads(most)
         return cls([most] if flag != "auto" or device.type != "cpu" else
@@ -393,11 +399,12 @@ class ThreadTuner:
 
     def choose(self, step):
         """Set and return the thread count for optimizer step `step`."""
-        if step // TUNE_EVERY != self.round:  # a new round of trials
-            self.round, self.seconds = step // TUNE_EVERY, {}
-        fewest = min(self.options, key=lambda n: len(self.seconds.get(n, ())))  # the counts' trials take turns
-        threads = fewest if len(self.seconds.get(fewest, ())) < TUNE_STEPS else min(
-            self.seconds, key=lambda n: statistics.median(self.seconds[n]))
+        done = all(len(self.seconds.get(n, ())) == TUNE_STEPS for n in self.options)
+        fastest = min(self.options, key=lambda n: statistics.median(self.seconds[n])) if done else None
+        fewer = fastest not in (None, self.options[0])
+        if step - self.start >= (TUNE_EVERY >> max(0, 3 - self.streak) if fewer else TUNE_EVERY):  # a new round
+            self.start, self.seconds, self.streak, fastest = step, {}, self.streak + 1 if fewer else 0, None
+        threads = fastest or min(self.options, key=lambda n: len(self.seconds.get(n, ())))  # the trials take turns
         torch.set_num_threads(threads)
         return threads
 
@@ -486,10 +493,9 @@ def end_run(rank, message, status):
 def describe(cfg):
     """The run's first line: the recipe, stages, sizes and budget it took."""
     recipe = f"recipe {cfg.recipe}" if cfg.recipe else "no recipe (defaults for a real run)"
-    return (f"{recipe}: U-Nets {', '.join(cfg.unets)} at {', '.join(map(str, cfg.sizes))} px, "
-            f"{' + '.join(map(str, cfg.steps))} steps of batch {', '.join(map(str, cfg.batch_size))}, "
-            f"lr {', '.join(f'{v:g}' for v in cfg.lr)}, "
-            f"EMA {cfg.ema_decay:g}, {', '.join(cfg.precision)}, data {cfg.data}")
+    sizes, batches, lrs = (", ".join(f"{v:g}" for v in values) for values in (cfg.sizes, cfg.batch_size, cfg.lr))
+    return (f"{recipe}: U-Nets {', '.join(cfg.unets)} at {sizes} px, {' + '.join(map(str, cfg.steps))} steps of "
+            f"batch {batches}, lr {lrs}, EMA {cfg.ema_decay:g}, {', '.join(cfg.precision)}, data {cfg.data}")
 
 
 def train(cfg):

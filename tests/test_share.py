@@ -164,7 +164,7 @@ def test_init_from_a_trained_run_starts_at_its_ema_weights_with_a_fresh_optimize
     ema = imagen.load_checkpoint(imagen.checkpoint_path(trained, 0))["ema"]
     for unet in (parts.stage.unet, parts.ema.module):
         assert all(torch.equal(t, ema[name]) for name, t in unet.state_dict().items())
-    assert parts.opt.state_dict()["state"] == {} and parts.ema.n_averaged == 0
+    assert parts.opt.state_dict()["state"] == {} and parts.ema.n == 0
 
 
 def test_init_from_trains_a_new_run_and_a_rerun_resumes_it_instead(trained, tmp_path, cache_dir):

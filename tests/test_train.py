@@ -160,15 +160,30 @@ def tiny_batch():
     return torch.rand(4, 3, 16, 16) * 2 - 1, torch.randn(4, 5, 384), torch.ones(4, 5, dtype=torch.bool)
 
 
+def test_the_ema_moves_every_weight_and_buffer_by_its_warmed_up_decay():
+    net = torch.nn.Linear(3, 2)
+    net.register_buffer("scale", torch.ones(2))
+    ema, expected = train.EMA(net, decay=0.5), {name: t.clone() for name, t in net.state_dict().items()}
+    for n, value in enumerate(torch.linspace(-2, 3, 12).tolist()):  # the warm-up reaches 0.5 at n = 8
+        for t in net.state_dict().values():
+            t.fill_(value)
+        ema.follow()
+        for t in expected.values():
+            t += (value - t) * (1 - min(0.5, (1 + n) / (10 + n)))
+    assert ema.n == 12 and not any(p.requires_grad for p in ema.module.parameters())
+    assert all(torch.allclose(ema.module.state_dict()[name], t) for name, t in expected.items())
+    assert all((t == value).all() for t in net.state_dict().values())  # the weights themselves are untouched
+
+
 @pytest.mark.parametrize("precision, outcome", [("fp16", "overflow"), ("fp32", "non-finite")])
 def test_an_overflowing_step_is_not_averaged_into_the_ema(precision, outcome):
     _, _, parts = parts_for("--steps", "5", "--precision", precision)
     assert train.optimizer_step(parts, [tiny_batch()], 1e-3, None, 1, 1.0)[1] == "applied"
-    ema, scale = [p.clone() for p in parts.ema.parameters()], parts.scaler.get_scale()
+    ema, scale = [p.clone() for p in parts.ema.module.parameters()], parts.scaler.get_scale()
     parts.stage.unet.final_conv.weight.register_hook(lambda g: g * float("inf"))  # inf gradients, finite loss
     loss, result = train.optimizer_step(parts, [tiny_batch()], 1e-3, None, 1, 1.0)
-    assert result == outcome and math.isfinite(loss) and parts.ema.n_averaged == 1
-    assert all(torch.equal(a, b) for a, b in zip(ema, parts.ema.parameters()))
+    assert result == outcome and math.isfinite(loss) and parts.ema.n == 1
+    assert all(torch.equal(a, b) for a, b in zip(ema, parts.ema.module.parameters()))
     assert parts.scaler.get_scale() == (scale / 2 if precision == "fp16" else scale)
 
 
@@ -254,10 +269,12 @@ def test_thread_tuner_times_each_count_on_real_steps_then_keeps_the_fastest(fast
         assert torch.get_num_threads() == threads
         tuner.record(threads, per_step[threads])
         chosen.append(threads)
-    trials = 3 * train.TUNE_STEPS
-    for start in (0, train.TUNE_EVERY):  # every round times each count again, then keeps the fastest
-        assert chosen[start:start + trials] == [4, 2, 1] * train.TUNE_STEPS  # taking turns
-        assert set(chosen[start + trials:start + train.TUNE_EVERY]) == {fastest}
+    trials, every, start = 3 * train.TUNE_STEPS, train.TUNE_EVERY, 0
+    # a round that keeps every thread lasts TUNE_EVERY steps; one that keeps fewer, 1/8, 1/4, 1/2 of that in a row
+    for length in [every, every] if fastest == 4 else [every // 8, every // 4, every // 2, every]:
+        assert chosen[start:start + trials] == [4, 2, 1] * train.TUNE_STEPS  # every round times each count, in turns
+        assert set(chosen[start + trials:start + length]) == {fastest}  # then keeps the fastest
+        start += length
 
 
 def test_thread_tuner_follows_a_load_that_changes_between_rounds(restore_threads):
@@ -273,12 +290,13 @@ def test_thread_tuner_follows_a_load_that_changes_between_rounds(restore_threads
 def test_thread_tuner_times_again_as_soon_as_another_program_takes_a_core(restore_threads):
     tuner = train.ThreadTuner([2, 1])
     chosen = []
-    for step in range(100):  # well inside one round
+    for step in range(100):  # inside the first round, whose trials chose two threads
         busy = step >= 20  # another program takes a core at step 20
         threads = tuner.choose(step)
         tuner.record(threads, {2: 1.34 if busy else 0.20, 1: 0.33}[threads])
         chosen.append(threads)
-    assert set(chosen[10:20]) == {2} and set(chosen[40:]) == {1}
+    eighth = train.TUNE_EVERY // 8  # the round now ends early, and the next one's trials keep one thread
+    assert set(chosen[10:20]) == {2} and set(chosen[30:eighth]) == set(chosen[eighth + 6:]) == {1}
 
 
 def test_a_load_that_passes_during_the_trials_does_not_leave_the_tuner_on_fewer_threads(restore_threads):
@@ -290,6 +308,18 @@ def test_a_load_that_passes_during_the_trials_does_not_leave_the_tuner_on_fewer_
         tuner.record(threads, {2: 1.34 if busy else 0.20, 1: 0.33}[threads])
         chosen.append(threads)
     assert set(chosen[30:]) == {2}
+
+
+def test_a_load_that_passes_just_after_its_trials_is_noticed_within_an_eighth_of_a_round(restore_threads):
+    tuner = train.ThreadTuner([2, 1])
+    chosen = []
+    for step in range(train.TUNE_EVERY):
+        busy = step < 2 * train.TUNE_STEPS  # another program takes a core for the first round's trials alone
+        threads = tuner.choose(step)
+        tuner.record(threads, {2: 1.34 if busy else 0.20, 1: 0.33}[threads])
+        chosen.append(threads)
+    assert chosen[2 * train.TUNE_STEPS] == 1  # the trials chose one thread
+    assert set(chosen[train.TUNE_EVERY // 8 + 2 * train.TUNE_STEPS:]) == {2}  # and the next round, soon, both
 
 
 def test_fixed_threads_and_gpus_are_not_tuned(restore_threads, monkeypatch):
