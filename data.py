@@ -527,8 +527,7 @@ def holdout_split(dataset, holdout, size):
 def first_usable(dataset, n):
     """(uint8 images [<=n, 3, s, s], captions) of the first n usable samples of a dataset."""
     items = (item for i in range(len(dataset)) if (item := dataset[i]) is not None)
-    images, captions, _ = collate([item for _, item in zip(range(n), items)])
-    return images, captions
+    return collate([item for _, item in zip(range(n), items)])[:2]  # (images, captions) without the skip count
 
 
 def collate(batch):

