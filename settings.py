@@ -77,6 +77,8 @@ class Config:
     tracker: str = setting("none", 'also send log.jsonl and grids to wandb or tensorboard (pip install -e ".[wandb]")')
     threads: str = setting("auto", "CPU threads: a number, or auto: the fastest of N, N/2, ..., 1 under this "
                            "machine's load, re-timed on real steps (speed only; a number makes runs bit-identical)")
+    parallel_stages: int = setting(0, "1: on a CPU, the stages after the first train beside it, each in a process of "
+                                   "its own on an equal share of the cores (small U-Nets use cores better so)")
     workers: int = setting(1, "DataLoader worker processes")
     device: str = setting("auto", "auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
     compile: str = setting("", "torch.compile each stage in this mode: " + ", ".join(COMPILE_MODES))
@@ -92,7 +94,7 @@ PER_STAGE = dict(unets=str, sizes=int, steps=int, minutes=float, batch_size=int,
 SAME_ON_RESUME = ("data", "seed", "holdout", "hflip", "lr", "warmup", "lr_final", "grad_clip", "ema_decay",
                   "grad_accum", "batch_size", "precision", "layout_phase", "layout_level")
 LEAST = dict(steps=1, batch_size=1, timesteps=2, sample_steps=1, grad_accum=1, log_every=1, save_every=0,
-             sample_every=0, eval_every=0, keep=0, workers=0, warmup=0, minutes=0)
+             sample_every=0, eval_every=0, keep=0, workers=0, warmup=0, minutes=0, parallel_stages=0)
 
 
 def parse_config(argv=None):

@@ -14,6 +14,7 @@ import hashlib
 import importlib
 import json
 import math
+import multiprocessing
 import os
 import resource
 import signal
@@ -539,9 +540,16 @@ def train(cfg):
             log_file.write(json.dumps(record, allow_nan=False) + "\n")
             log_file.flush()
 
+    stages = [cfg.only_unet] if cfg.only_unet >= 0 else list(range(len(cfg.unets)))
+    jobs = start_beside(cfg, stages) if cfg.parallel_stages and device.type == "cpu" and world == 1 else {}
     try:
-        for k in [cfg.only_unet] if cfg.only_unet >= 0 else range(len(cfg.unets)):
+        for k in stages:
             parts = None  # the last stage's optimizer and EMA are freed before this stage is built
+            if k in jobs:  # it trained beside the first stage: wait for it, then resume it at its end
+                jobs[k].join()
+                if jobs[k].exitcode:
+                    end_run(rank, f"error: unet{k}, trained beside unet0, stopped with exit status {jobs[k].exitcode}"
+                            " (its message is above); re-run the same command to resume", 1)
             parts = train_stage(cfg, config, cascade, k, train_set, heldout, cache, log, (rank, world, device))
         if rank == 0:
             path = os.path.join(cfg.out, "samples.png")
@@ -549,15 +557,28 @@ def train(cfg):
                      prompts=write_grid(cascade, parts, cache, path, heldout, cfg.only_unet)))
             print(f"checkpoints in {cfg.out}/, samples in {path}")
     finally:  # also when a signal stops the run
+        for job in jobs.values():  # stages still training beside this one save and stop (SIGTERM)
+            job.terminate()
         if track:
             track.close()
     if world > 1:
         dist.barrier()  # no rank tears the group down while rank 0 still writes
 
 
-def main(argv=None):
+def start_beside(cfg, stages):
+    """--parallel-stages: every stage after the first trains in a new process of its own (as --only-unet K), each on
+    a fixed equal share of the cores, while this one trains the first -> {stage: its process}."""
+    share = str(max(1, STARTUP_THREADS // len(stages)))
+    jobs = {k: multiprocessing.get_context("spawn").Process(target=main, kwargs=dict(cfg=dataclasses.replace(
+        cfg, only_unet=k, parallel_stages=0, threads=share))) for k in stages[1:]}
+    for job in jobs.values():
+        job.start()
+    return jobs
+
+
+def main(argv=None, cfg=None):
     try:
-        train(parse_config(argv))
+        train(cfg or parse_config(argv))
     except (ValueError, OSError) as e:  # bad flags, checkpoints, data folders, encoder ids; a full disk
         raise SystemExit(f"error: {imagen.first_line(e)}")
     except torch.OutOfMemoryError:  # the last checkpoint on disk is whole: saves are atomic

@@ -48,22 +48,22 @@ def read_log(out):
     return [json.loads(line, parse_constant=reject) for line in lines if line.endswith("\n")]
 
 
-def start_train(out, cache_dir, *extra, stderr=subprocess.DEVNULL):
+def start_train(out, cache_dir, *extra, stderr=subprocess.DEVNULL, **kw):
     """A train.py process running in the background."""
     args = [sys.executable, os.path.join(ROOT, "train.py"), *TINY, "--out", str(out), "--cache-dir", cache_dir, *extra]
-    return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
+    return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr, **kw)
 
 
-def wait_for_logged_step(out, proc, at_least):
-    """The newest unet0 step in log.jsonl once it reaches `at_least`, while proc keeps running."""
+def wait_for_logged_step(out, proc, at_least, unet=0):
+    """The newest step of U-Net `unet` in log.jsonl once it reaches `at_least`, while proc keeps running."""
     deadline = time.time() + 300
     while time.time() < deadline:
         assert proc.poll() is None, "train.py ended before it logged the step"
-        steps = [r["step"] for r in read_log(out) if r["unet"] == 0 and "loss" in r]
+        steps = [r["step"] for r in read_log(out) if r["unet"] == unet and "loss" in r]
         if steps and steps[-1] >= at_least:
             return steps[-1]
         time.sleep(0.02)
-    raise AssertionError(f"no unet0 step >= {at_least} logged in 300 s")
+    raise AssertionError(f"no unet{unet} step >= {at_least} logged in 300 s")
 
 
 def test_train_writes_checkpoints_log_and_samples(trained):
@@ -143,6 +143,22 @@ def test_sigterm_or_ctrl_c_saves_the_current_step_exits_128_plus_signum_and_the_
     assert imagen.load_checkpoint(imagen.checkpoint_path(out, 0))["step"] == saved + 2
     resumed = [r["step"] for r in read_log(out) if "loss" in r]
     assert resumed[-2:] == [saved + 1, saved + 2] and resumed.count(saved + 1) == 1  # continued, not restarted
+
+
+def test_a_stage_trained_beside_the_base_is_the_one_trained_alone_and_a_sigterm_stops_both(tmp_path, cache_dir):
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}  # two cores: the stage beside the base gets one thread of them
+    flags = ["--threads", "1", "--save-every", "1000", "--log-every", "1"]
+    train(tmp_path / "alone", cache_dir, "--steps", "1,100", "--only-unet", "1", *flags)
+    beside = tmp_path / "beside"
+    proc = start_train(beside, cache_dir, "--steps", "5000,100", "--parallel-stages", "1", *flags, env=env)
+    wait_for_logged_step(beside, proc, at_least=1, unet=1)  # both stages are training now
+    proc.send_signal(signal.SIGTERM)  # to the base's process only
+    assert proc.wait(timeout=300) == 143
+    assert [0 < state["step"] < budget for state, budget in zip(weights(beside), (5000, 100))] == [True, True]
+    train(beside, cache_dir, "--steps", "1,100", "--parallel-stages", "1", *flags, env=env)  # the base's budget: met
+    a, b = (imagen.load_checkpoint(imagen.checkpoint_path(out, 1)) for out in (tmp_path / "alone", beside))
+    assert a["step"] == b["step"] == 100 and a["data_digest"] == b["data_digest"]
+    assert all(torch.equal(a[key][name], b[key][name]) for key in ("model", "ema") for name in a[key])
 
 
 def test_non_finite_losses_stop_with_the_last_good_weights_saved_and_a_strict_json_log(tmp_path, cache_dir):
