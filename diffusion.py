@@ -311,10 +311,7 @@ def _run(step, x, alpha, sigma, edit, generator):
     every step, and runs each step but the last `resample` times with a jump back between (RePaint Algorithm 1).
     """
     steps = len(alpha) - 1
-    if edit is None:
-        for i in range(steps):
-            x = step(x, i)
-        return x
+    edit = edit or Edit(image=None)  # no Edit: every step from x, nothing kept (the image is never read)
     first = steps - round(edit.strength * steps)
     if first:
         x = edit.noised(x, alpha[first], sigma[first], generator)  # SDEdit: the image noised to level `first`
