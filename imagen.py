@@ -322,16 +322,14 @@ def stage_dependencies(config, k):
 def first_difference(a, b, key=""):
     """(key, a's value, b's value) at the first place where nested dicts/lists a and b differ; None if equal."""
     if isinstance(a, dict) and isinstance(b, dict):
-        for name in [*a, *(n for n in b if n not in a)]:
-            found = first_difference(a.get(name), b.get(name), f"{key}.{name}" if key else name)
-            if found:
-                return found
-        return None
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):  # a tuple equals its JSON list
+        children = [(f"{key}.{n}" if key else n, a.get(n), b.get(n)) for n in [*a, *(n for n in b if n not in a)]]
+    elif isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):  # a tuple equals its JSON list
         if len(a) != len(b):
             return f"len({key})", len(a), len(b)
-        return next(filter(None, (first_difference(x, y, f"{key}[{i}]") for i, (x, y) in enumerate(zip(a, b)))), None)
-    return None if a == b else (key, a, b)
+        children = [(f"{key}[{i}]", x, y) for i, (x, y) in enumerate(zip(a, b))]
+    else:
+        return None if a == b else (key, a, b)
+    return next(filter(None, (first_difference(x, y, path) for path, x, y in children)), None)
 
 
 def cascade_mismatch(old, new, k):
