@@ -31,11 +31,8 @@ INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.
 def score(images, prompts):
     """Mean of each judge verdict over the images that have one (position is None without a position word)."""
     verdicts = [data.judge(img, prompt) for img, prompt in zip(images, prompts)]
-    result = {}
-    for key in JUDGE_KEYS:
-        votes = [v[key] for v in verdicts if v[key] is not None]
-        result[key] = round(sum(votes) / len(votes), 4) if votes else None
-    return result
+    votes = {key: [v[key] for v in verdicts if v[key] is not None] for key in JUDGE_KEYS}
+    return {key: round(sum(v) / len(v), 4) if v else None for key, v in votes.items()}
 
 
 def plot_losses(log_path, png_path, width=640, panel=220, pad=44):
