@@ -293,9 +293,7 @@ SECTIONS = dict(train=bench_train, loop=bench_loop, presets=bench_presets, sampl
 
 def main(argv=None):
     args = parse_args(argv)
-    results = dict(machine=machine(args))
-    for name in args.sections.split(","):
-        results[name] = SECTIONS[name](args)
+    results = dict(machine=machine(args)) | {name: SECTIONS[name](args) for name in args.sections.split(",")}
     for name, rows in results.items():
         if rows:
             print(f"## {name}\n\n{markdown(rows if isinstance(rows, list) else [rows])}\n")
