@@ -177,8 +177,7 @@ class EmbeddingCache:
         except (OSError, ValueError) as e:
             warnings.warn(f"text cache {self.dir}: skipping unreadable shard {stem} ({e})")
             index = {}
-        for caption, (offset, length) in index.items():
-            self._rows[caption] = stem, offset, length
+        self._rows |= {caption: (stem, offset, length) for caption, (offset, length) in index.items()}
         self._shards.add(stem)
 
     def _add(self, captions, batch_size, bar=None):
