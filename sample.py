@@ -98,10 +98,8 @@ def load_for_sampling(ckpt, device, *, ema, stop_at_unet, cache_dir):
     stop_at = trained if stop_at_unet is None else stop_at_unet + 1
     if not 1 <= stop_at <= trained:
         raise ValueError(f"--stop-at-unet {stop_at_unet} not available; {ckpt} has trained U-Nets 0..{trained - 1}")
-    config = cascade.config
-    encoder = text.resolve(config["encoder"], registry.ENCODERS)
-    cache = text.EmbeddingCache(cache_dir, encoder, config["max_text_len"], device=device)
-    return cascade, stop_at, cache
+    encoder = text.resolve(cascade.config["encoder"], registry.ENCODERS)
+    return cascade, stop_at, text.EmbeddingCache(cache_dir, encoder, cascade.config["max_text_len"], device=device)
 
 
 def sampling_setup(args):
