@@ -57,8 +57,7 @@ def parse_args(argv=None):
     a("--device", default="auto", type=registry.device_flag, help="auto (cuda, then mps, then cpu), cuda, mps, cpu")
     a("--json", default="bench.json", help="write the results here")
     args = p.parse_args(argv)
-    unknown = set(args.sections.split(",")) - set(SECTIONS)
-    if unknown:
+    if unknown := set(args.sections.split(",")) - set(SECTIONS):
         p.error(f"unknown --sections {sorted(unknown)}; choose from: {', '.join(SECTIONS)}")
     return args
 

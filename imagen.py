@@ -290,8 +290,7 @@ def load_checkpoint(path, device="cpu", mmap=False):
 
 def require(state, path, keys):
     """A loaded checkpoint `state`, or a ValueError naming the first of `keys` that it lacks."""
-    missing = [key for key in keys if not isinstance(state, dict) or key not in state]
-    if missing:
+    if missing := [key for key in keys if not isinstance(state, dict) or key not in state]:
         raise ValueError(f"{path} is not a nanoimagen checkpoint: it has no {missing[0]!r} entry")
     return state
 
@@ -409,8 +408,7 @@ def load_unet(unet, weights, what):
     """Load weights into a U-Net; a one-line ValueError naming `what` and the first tensor of another name or shape."""
     def shapes(state):
         return {name: str(list(t.shape)) for name, t in state.items()}  # strings: a shape is compared whole
-    found = first_difference(shapes(weights), shapes(unet.state_dict()))
-    if found:
+    if found := first_difference(shapes(weights), shapes(unet.state_dict())):
         raise ValueError(f"{what} does not fit its U-Net ({found[0]}: {found[1]} -> {found[2]}, weights -> U-Net)")
     unet.load_state_dict(weights)
 
