@@ -164,9 +164,7 @@ class Diffusion(torch.nn.Module):
 
     def respaced(self, timesteps):
         """The chain that visits only `timesteps`, its betas from alphas_cumprod ratios (Nichol & Dhariwal 2021, §4).
-
-        A jump over a ratio below 1e-16 rounds its beta to 1; its posterior stays exact to float64 precision.
-        """
+        A jump over a ratio below 1e-16 rounds its beta to 1; its posterior stays exact to float64 precision."""
         alphas_cumprod = torch.cumprod(1 - self.schedule, 0)[sorted(timesteps)]  # [steps]
         return Diffusion(1 - alphas_cumprod / torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]]))
 

@@ -101,10 +101,8 @@ class Stage(nn.Module):
     @torch.no_grad()
     def sample(self, text_embeds, text_mask, prev=None, *, sampler, steps, cond_scale, lowres_noise, threshold,
                generator=None, edit=None):
-        """Images [b, c, size, size] in [-1, 1] from noise, conditioned on text and the previous stage's output.
-
-        `edit` (a diffusion.Edit at this size, in [-1, 1]) starts from and/or keeps part of a given image.
-        """
+        """Images [b, c, size, size] in [-1, 1] from noise, conditioned on text and the previous stage's output;
+        `edit` (a diffusion.Edit at this size, in [-1, 1]) starts from and/or keeps part of a given image."""
         b, d = text_embeds.shape[0], self.diffusion
         lowres = {}
         if self.lowres_size is not None:  # a larger given image goes down to lowres_size first, as in training
@@ -250,11 +248,8 @@ def checkpoint_path(out_dir, k):
 
 
 def save_checkpoint(state, path, keep=0):
-    """Write atomically; the previous checkpoint stays until the new one is complete and loadable.
-
-    With keep > 0 the previous checkpoint also stays on as unetK-stepNNNNNN.pt (not found as a stage), the newest
-    `keep` of them.
-    """
+    """Write atomically; the previous checkpoint stays until the new one is complete and loadable. With keep > 0 it
+    also stays on as unetK-stepNNNNNN.pt (not found as a stage), the newest `keep` of them."""
     def write_and_verify(tmp):
         torch.save(state, tmp)
         load_checkpoint(tmp, mmap=True)  # reads the archive's index: a short or corrupt write fails here

@@ -116,11 +116,9 @@ def sampling_setup(args):
 
 def generate(cascade, cache, prompts, stop_at, options, *, seed, batch_size, device, start_at=0, start_images=None,
              edit=None):
-    """Images [n, 3, s, s] in [0, 1] for a list of prompts, sampled in batches with one seeded generator.
-
-    `options` are imagen.Imagen.sample's (see sampling_options); start_images [1, 3, h, w] and an Edit's tensors
-    apply to every prompt (see imagen.Imagen.sample).
-    """
+    """Images [n, 3, s, s] in [0, 1] for a list of prompts, sampled in batches with one seeded generator. `options`
+    are imagen.Imagen.sample's (see sampling_options); start_images [1, 3, h, w] and an Edit's tensors apply to
+    every prompt (see imagen.Imagen.sample)."""
     generator = torch.Generator(device).manual_seed(seed)
     out = []
     for i in range(0, len(prompts), batch_size):
