@@ -94,7 +94,7 @@ PER_STAGE = dict(unets=str, sizes=int, steps=int, minutes=float, batch_size=int,
 SAME_ON_RESUME = ("data", "seed", "holdout", "hflip", "lr", "warmup", "lr_final", "grad_clip", "ema_decay",
                   "grad_accum", "batch_size", "precision", "layout_phase", "layout_level")
 LEAST = dict(steps=1, batch_size=1, timesteps=2, sample_steps=1, grad_accum=1, log_every=1, save_every=0,
-             sample_every=0, eval_every=0, keep=0, workers=0, warmup=0, minutes=0, parallel_stages=0)
+             sample_every=0, eval_every=0, keep=0, workers=0, warmup=0, minutes=0)
 
 
 def parse_config(argv=None):
@@ -185,6 +185,7 @@ def check(cfg):
     checks = [("precision", set(cfg.precision) <= {"fp32", "bf16", "fp16"}, "auto, fp32, bf16 or fp16 per U-Net"),
               ("channels_last", set(cfg.channels_last) <= {0, 1}, "1 (channels_last) or 0 per U-Net"),
               ("checkpointing", set(cfg.checkpointing) <= {0, 1}, "1 (checkpointed) or 0 per U-Net"),
+              ("parallel_stages", cfg.parallel_stages in (0, 1), "1 (stages beside the first, on a CPU) or 0"),
               ("layout_level", 0 <= cfg.layout_level < 1, "a noise level in [0, 1)"),
               ("lr", all(v > 0 and math.isfinite(v) for v in cfg.lr), "a positive number per U-Net"),
               ("ema_decay", 0 <= cfg.ema_decay < 1, "a decay in [0, 1)"),

@@ -385,11 +385,13 @@ class ThreadTuner:
     """Trains at the CPU thread count that runs steps fastest under the machine's current load (speed only). A round
     of trials gives each count TUNE_STEPS real steps, taking turns (a passing load hits them alike); the rest of the
     round uses the fastest (median). A round lasts TUNE_EVERY steps; one that chose fewer threads than all, 1/8, 1/4,
-    1/2 of that in a row; a step SLOWDOWN times slower starts one. Another program on a core slows all counts but 1."""
+    1/2 of that in a row; a step SLOWDOWN times slower, or the end of a stage training beside this one, starts one.
+    Another program on a core slows all counts but 1."""
 
     def __init__(self, options):
         self.options, self.seconds = options, {}  # seconds: thread count -> this round's step times
         self.start, self.streak = 0, 0  # this round's first step; rounds in a row that chose fewer threads than all
+        self.children = 0  # this process's running children at the last step: stages beside it, loader workers
 
     @classmethod
     def for_run(cls, flag, device):
@@ -404,8 +406,11 @@ class ThreadTuner:
         done = all(len(self.seconds.get(n, ())) == TUNE_STEPS for n in self.options)
         fastest = min(self.options, key=lambda n: statistics.median(self.seconds[n])) if done else None
         fewer = fastest not in (None, self.options[0])
-        if step - self.start >= (TUNE_EVERY >> max(0, 3 - self.streak) if fewer else TUNE_EVERY):  # a new round
+        length = TUNE_EVERY >> max(0, 3 - self.streak) if fewer else TUNE_EVERY
+        children = len(multiprocessing.active_children())
+        if step - self.start >= length or children < self.children:  # a new round
             self.start, self.seconds, self.streak, fastest = step, {}, self.streak + 1 if fewer else 0, None
+        self.children = children
         threads = fastest or min(self.options, key=lambda n: len(self.seconds.get(n, ())))  # the trials take turns
         torch.set_num_threads(threads)
         return threads

@@ -324,6 +324,20 @@ def test_a_load_that_passes_just_after_its_trials_is_noticed_within_an_eighth_of
     assert set(chosen[train.TUNE_EVERY // 8 + 2 * train.TUNE_STEPS:]) == {2}  # and the next round, soon, both
 
 
+def test_the_end_of_a_stage_training_beside_this_one_starts_new_trials_at_once(restore_threads, monkeypatch):
+    beside = [object()]  # a stage training in a child process (--parallel-stages), until step 1,000
+    monkeypatch.setattr(train.multiprocessing, "active_children", lambda: list(beside))
+    tuner = train.ThreadTuner([2, 1])
+    chosen = []
+    for step in range(1200):
+        if step == 1000:
+            beside.clear()
+        threads = tuner.choose(step)
+        tuner.record(threads, {2: 1.34 if beside else 0.20, 1: 0.33}[threads])
+        chosen.append(threads)
+    assert set(chosen[950:1000]) == {1} and set(chosen[1000 + 2 * train.TUNE_STEPS:]) == {2}
+
+
 def test_fixed_threads_and_gpus_are_not_tuned(restore_threads, monkeypatch):
     monkeypatch.setattr(train, "STARTUP_THREADS", 4)
     assert train.ThreadTuner.for_run("3", torch.device("cpu")).options == [3]
