@@ -224,7 +224,7 @@ def eval_fidelity(dataset, sample, *, fid, kid, weights, clip_model, device):
                 clip_score=clip_score(fake, captions, clip_model, device) if clip_model else None)
 
 
-def eval_shapes(cascade, cache, sample, *, n, prompt_seed, grid, device):
+def eval_shapes(cache, sample, *, n, prompt_seed, grid):
     """JSON result without --data: judge scores of n shapes prompts and seconds per image."""
     prompts = data.shapes_captions(n, seed=prompt_seed)
     cache(prompts)  # encode misses now, so the timing below is sampling alone
@@ -272,8 +272,7 @@ def main(argv=None):
                 result["fidelity"] = eval_fidelity(dataset, sample, fid=args.fid, kid=args.kid, weights=weights,
                                                    clip_model=args.clip_score, device=args.device)
         else:
-            result = eval_shapes(cascade, cache, sample, n=args.n, prompt_seed=args.prompt_seed, grid=args.grid,
-                                 device=args.device)
+            result = eval_shapes(cache, sample, n=args.n, prompt_seed=args.prompt_seed, grid=args.grid)
     except (ValueError, OSError) as e:
         p.error(imagen.first_line(e))
     except ImportError as e:  # the metrics extra's packages, imported where --fid, --kid and --clip-score use them
