@@ -79,9 +79,7 @@ def retrieval_ranks(samples, pictures, own_index):
 
 def retrieval_scores(ranks):
     """recall@1, recall@10 (the fraction of own pictures ranked within 1 or 10) and the median rank of ranks [n]."""
-    def recall(k):
-        return round((ranks <= k).float().mean().item(), 4)
-    return {"n": len(ranks), "recall@1": recall(1), "recall@10": recall(10),
+    return {"n": len(ranks), **{f"recall@{k}": round((ranks <= k).float().mean().item(), 4) for k in (1, 10)},
             "median_rank": statistics.median(ranks.tolist())}
 
 
