@@ -66,10 +66,8 @@ def plot_losses(log_path, png_path, width=640, panel=220, pad=44):
 
 def retrieval_ranks(samples, pictures, own_index):
     """The rank (1 = nearest) of each sample's own picture among all pictures by L2 distance of RGB images resized to
-    RETRIEVAL_SIDE px (antialiased); a picture as near as the own one does not push it down.
-
-    samples [n, 3, h, w] and pictures [m, 3, h', w'] in [0, 1]; own_index [n]: each sample's row in pictures.
-    """
+    RETRIEVAL_SIDE px (antialiased); a picture as near as the own one does not push it down. samples [n, 3, h, w] and
+    pictures [m, 3, h', w'] in [0, 1]; own_index [n]: each sample's row in pictures."""
     a = imagen.resize(samples.float(), RETRIEVAL_SIDE).flatten(1)  # [n, 3 * side²]
     b = imagen.resize(pictures.float(), RETRIEVAL_SIDE).flatten(1)  # [m, 3 * side²]
     distances = torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")  # [n, m], exact: an equal image is 0
