@@ -338,9 +338,8 @@ def _manifest_rows(root):
 def _paired_rows(root):
     """(image path, caption of the same-named .txt or None) for every image under root."""
     images = sorted(p for p in root.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
-    texts = [p.with_suffix(".txt") for p in images]
-    return [(p.relative_to(root), t.read_text(errors="replace") if t.is_file() else None)
-            for p, t in zip(images, texts)]
+    return [(p.relative_to(root), t.read_text(errors="replace") if (t := p.with_suffix(".txt")).is_file() else None)
+            for p in images]
 
 
 def _check_captioned(name, captions):

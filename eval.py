@@ -66,10 +66,8 @@ def plot_losses(log_path, png_path, width=640, panel=220, pad=44):
 
 def retrieval_ranks(samples, pictures, own_index):
     """The rank (1 = nearest) of each sample's own picture among all pictures by L2 distance of RGB images resized to
-    RETRIEVAL_SIDE px (antialiased); a picture as near as the own one does not push it down.
-
-    samples [n, 3, h, w] and pictures [m, 3, h', w'] in [0, 1]; own_index [n]: each sample's row in pictures.
-    """
+    RETRIEVAL_SIDE px (antialiased); a picture as near as the own one does not push it down. samples [n, 3, h, w] and
+    pictures [m, 3, h', w'] in [0, 1]; own_index [n]: each sample's row in pictures."""
     a = imagen.resize(samples.float(), RETRIEVAL_SIDE).flatten(1)  # [n, 3 * side²]
     b = imagen.resize(pictures.float(), RETRIEVAL_SIDE).flatten(1)  # [m, 3 * side²]
     distances = torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")  # [n, m], exact: an equal image is 0
@@ -79,9 +77,7 @@ def retrieval_ranks(samples, pictures, own_index):
 
 def retrieval_scores(ranks):
     """recall@1, recall@10 (the fraction of own pictures ranked within 1 or 10) and the median rank of ranks [n]."""
-    def recall(k):
-        return round((ranks <= k).float().mean().item(), 4)
-    return {"n": len(ranks), "recall@1": recall(1), "recall@10": recall(10),
+    return {"n": len(ranks), **{f"recall@{k}": round((ranks <= k).float().mean().item(), 4) for k in (1, 10)},
             "median_rank": statistics.median(ranks.tolist())}
 
 
@@ -224,7 +220,7 @@ def eval_fidelity(dataset, sample, *, fid, kid, weights, clip_model, device):
                 clip_score=clip_score(fake, captions, clip_model, device) if clip_model else None)
 
 
-def eval_shapes(cascade, cache, sample, *, n, prompt_seed, grid, device):
+def eval_shapes(cache, sample, *, n, prompt_seed, grid):
     """JSON result without --data: judge scores of n shapes prompts and seconds per image."""
     prompts = data.shapes_captions(n, seed=prompt_seed)
     cache(prompts)  # encode misses now, so the timing below is sampling alone
@@ -272,8 +268,7 @@ def main(argv=None):
                 result["fidelity"] = eval_fidelity(dataset, sample, fid=args.fid, kid=args.kid, weights=weights,
                                                    clip_model=args.clip_score, device=args.device)
         else:
-            result = eval_shapes(cascade, cache, sample, n=args.n, prompt_seed=args.prompt_seed, grid=args.grid,
-                                 device=args.device)
+            result = eval_shapes(cache, sample, n=args.n, prompt_seed=args.prompt_seed, grid=args.grid)
     except (ValueError, OSError) as e:
         p.error(imagen.first_line(e))
     except ImportError as e:  # the metrics extra's packages, imported where --fid, --kid and --clip-score use them
