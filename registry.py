@@ -188,7 +188,7 @@ RECIPES = Registry("recipe", {
     # the base's high-noise phase is what makes it draw a caption's own picture (docs/experiments.md, real data)
     "real-cpu": dict(unets=["real-base-small", "real-super-small"], steps=[4000, 1200], lr=1e-3, warmup=100,
                      lr_final=0.1, ema_decay=0.995, layout_phase=["0.5:0.75", "0"], layout_level=0.95,
-                     cond_scale=[3.0, 1.0]),
+                     cond_scale=[3.0, 1.0], parallel_stages=1),
     # Your own captioned folder on one 80 GB GPU: 64 -> 256 px in bf16, the SR stage on 64 px crops (Imagen App. F).
     "real-gpu": dict(unets=["base64", "super256"], steps=[200_000, 100_000], batch_size=[64, 32], lr=1e-4,
                      warmup=5000, ema_decay=0.9999, precision=["bf16"], crop=[0, 64], workers=8, cond_scale=[5.0, 1.0]),
