@@ -193,12 +193,12 @@ def train_stage(cfg, config, cascade, k, train_set, heldout, cache, log, dist_in
     state.update(resume(parts, path, config, cfg, device))
     if cfg.init_from and init_from(parts, cfg.init_from, path, rank):
         log(dict(unet=k, step=0, event=f"initialised from {cfg.init_from}"))
-    saved_step, bad_steps, shown = state["step"], 0, {}
+    first_step = saved_step = state["step"]
+    bad_steps, shown = 0, {}
     tuner = ThreadTuner.for_run(cfg.threads, device)
     sampler = data.EpochSampler(len(train_set), cfg.seed, state["position"], rank, world)
     loader = torch.utils.data.DataLoader(train_set, sampler=sampler, batch_size=cfg.batch_size[k],
-                                         num_workers=cfg.workers, collate_fn=data.collate,
-                                         persistent_workers=cfg.workers > 0)
+                                         num_workers=cfg.workers, collate_fn=data.collate)  # iterated once: endless
     batches, signum = iter(loader), 0
 
     def save():
@@ -207,7 +207,8 @@ def train_stage(cfg, config, cascade, k, train_set, heldout, cache, log, dist_in
             imagen.save_checkpoint(checkpoint(parts, config, cfg, state), path, keep=cfg.keep)
         saved_step = state["step"]
 
-    bar = tqdm(total=cfg.steps[k], initial=state["step"], desc=f"unet{k} {cfg.unets[k]}", disable=rank != 0)
+    bar = tqdm(total=cfg.steps[k], initial=state["step"], desc=f"unet{k} {cfg.unets[k]}",  # --only-unet K: line K
+               disable=rank != 0 or first_step >= cfg.steps[k], position=max(cfg.only_unet, 0))
     wall_start = time.perf_counter()  # this process's wall clock of the loop: steps, evaluation, saves, logging
     while state["step"] < cfg.steps[k]:
         elapsed, signum = shared_clock_and_signal(state["elapsed"], rank, world, device)
@@ -265,13 +266,15 @@ def train_stage(cfg, config, cascade, k, train_set, heldout, cache, log, dist_in
         log(dict(unet=k, step=state["step"], event=f"stopped by {name}", minutes=round(state["elapsed"] / 60, 2)))
         end_run(rank, f"stopped by {name} at unet{k} step {state['step']}: saved {path}; re-run the same command "
                 "to resume", 128 + signum)
+    parts.stage.unet.load_state_dict(parts.ema.module.state_dict())  # later stages' grids sample its EMA weights
+    if state["step"] == first_step:  # nothing trained here (it trained beside this process, or was past its budget)
+        return parts
     held = heldout_loss(parts, heldout, cache, device) if rank == 0 else None
     log(dict(unet=k, step=state["step"], event="done", minutes=round(state["elapsed"] / 60, 2),
              wall_minutes=wall_minutes, skipped=state["skipped"], heldout_loss=held))
     if rank == 0:
         print(f"unet{k}: {state['step']} of {cfg.steps[k]} steps in {state['elapsed'] / 60:.1f} minutes of training "
               f"({wall_minutes:.1f} of wall clock here), held-out loss {held:.4f}")
-    parts.stage.unet.load_state_dict(parts.ema.module.state_dict())  # later stages' grids sample its EMA weights
     return parts
 
 
@@ -299,8 +302,7 @@ def resume(parts, path, config, cfg, device):
     if not os.path.exists(path):
         return {}
     s = imagen.require(imagen.load_checkpoint(path, device), path, CHECKPOINT_KEYS)
-    mismatch = imagen.cascade_mismatch(s["config"], config, parts.k)
-    if mismatch:
+    if mismatch := imagen.cascade_mismatch(s["config"], config, parts.k):
         raise ValueError(f"{path} holds U-Net {parts.k} of another cascade ({mismatch}, checkpoint -> this "
                          "command); use another --out or the command that made it")
     settings_changed(s.get("settings"), cfg, parts.k, path)
@@ -505,11 +507,11 @@ def describe(cfg):
             f"batch {batches}, lr {lrs}, EMA {cfg.ema_decay:g}, {', '.join(cfg.precision)}, data {cfg.data}")
 
 
-def train(cfg):
-    """Data -> text cache -> cascade -> every stage's loop -> the final sample grid."""
+def train(cfg, beside=False):
+    """Data -> text cache -> cascade -> every stage's loop -> the final sample grid (not `beside` another process's)."""
     StopSignal.install()
     rank, world, device = setup_distributed(cfg.device)
-    if rank == 0:
+    if rank == 0 and not beside:
         print(describe(cfg))
     size = cfg.sizes[-1]
     dataset = data.make_dataset(cfg.data, size, seed=cfg.seed)
@@ -556,7 +558,7 @@ def train(cfg):
                     end_run(rank, f"error: unet{k}, trained beside unet0, stopped with exit status {jobs[k].exitcode}"
                             " (its message is above); re-run the same command to resume", 1)
             parts = train_stage(cfg, config, cascade, k, train_set, heldout, cache, log, (rank, world, device))
-        if rank == 0:
+        if rank == 0 and not beside:
             path = os.path.join(cfg.out, "samples.png")
             log(dict(unet=parts.k, event="grid", path=path,
                      prompts=write_grid(cascade, parts, cache, path, heldout, cfg.only_unet)))
@@ -575,15 +577,15 @@ def start_beside(cfg, stages):
     a fixed equal share of the cores, while this one trains the first -> {stage: its process}."""
     share = str(max(1, STARTUP_THREADS // len(stages)))
     jobs = {k: multiprocessing.get_context("spawn").Process(target=main, kwargs=dict(cfg=dataclasses.replace(
-        cfg, only_unet=k, parallel_stages=0, threads=share))) for k in stages[1:]}
+        cfg, only_unet=k, parallel_stages=0, threads=share), beside=True)) for k in stages[1:]}
     for job in jobs.values():
         job.start()
     return jobs
 
 
-def main(argv=None, cfg=None):
+def main(argv=None, cfg=None, beside=False):
     try:
-        train(cfg or parse_config(argv))
+        train(cfg or parse_config(argv), beside)
     except (ValueError, OSError) as e:  # bad flags, checkpoints, data folders, encoder ids; a full disk
         raise SystemExit(f"error: {imagen.first_line(e)}")
     except torch.OutOfMemoryError:  # the last checkpoint on disk is whole: saves are atomic

@@ -159,6 +159,7 @@ def test_a_stage_trained_beside_the_base_is_the_one_trained_alone_and_a_sigterm_
     a, b = (imagen.load_checkpoint(imagen.checkpoint_path(out, 1)) for out in (tmp_path / "alone", beside))
     assert a["step"] == b["step"] == 100 and a["data_digest"] == b["data_digest"]
     assert all(torch.equal(a[key][name], b[key][name]) for key in ("model", "ema") for name in a[key])
+    assert sum(r.get("event") == "done" and r["unet"] == 1 for r in read_log(beside)) == 1  # none more at the join
 
 
 def test_non_finite_losses_stop_with_the_last_good_weights_saved_and_a_strict_json_log(tmp_path, cache_dir):
