@@ -508,7 +508,7 @@ def describe(cfg):
 
 
 def train(cfg, beside=False):
-    """Data -> text cache -> cascade -> every stage's loop -> the final sample grid (not `beside` another process's)."""
+    """Data -> text cache -> cascade -> every stage's loop -> the final sample grid (left to the first if `beside`)."""
     StopSignal.install()
     rank, world, device = setup_distributed(cfg.device)
     if rank == 0 and not beside:
