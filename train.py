@@ -469,7 +469,8 @@ class Tracker:
             module = importlib.import_module("wandb" if kind == "wandb" else "torch.utils.tensorboard")
         except ImportError as e:
             raise ValueError(f'--tracker {kind}: pip install -e ".[{kind}]" ({imagen.first_line(e)})') from None
-        if kind == "wandb":
+        if kind == "wandb":  # a stage trained beside this process (--parallel-stages) logs a run of this group
+            os.environ.setdefault("WANDB_RUN_GROUP", f"nanoimagen-{os.urandom(4).hex()}")  # spawn copies it
             self.image, self.run = module.Image, module.init(project="nanoimagen", dir=out, config=settings)
             self.close = self.run.finish  # W&B writes the run's summary only then
         else:
@@ -538,8 +539,7 @@ def train(cfg, beside=False):
     log_file = open(os.path.join(cfg.out, "log.jsonl"), "a") if rank == 0 else None
 
     def log(record):
-        """One strict-JSON line: non-finite numbers, which JSON has no literal for, become strings ("nan", "inf");
-        the record as it is to --tracker."""
+        """A strict-JSON line per record (non-finite numbers as the strings "nan", "inf"); as it is to --tracker."""
         if track:
             track(record)
         if log_file:

@@ -35,15 +35,18 @@ def test_tensorboard_gets_every_logged_number_and_the_sample_grid(tmp_path, cach
     assert events.Tags()["images"] == ["unet1/samples"]
 
 
-def test_wandb_offline_writes_its_run_folder_with_the_logged_numbers_and_the_grid(tmp_path, cache_dir):
+def test_wandb_offline_writes_one_group_of_runs_with_the_logged_numbers_and_the_grid(tmp_path, cache_dir):
     out, home = tmp_path / "run", str(tmp_path / "wandb-home")
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": home, "WANDB_CACHE_DIR": home,
-           "WANDB_CONFIG_DIR": home, "WANDB_DATA_DIR": home}
-    train(out, cache_dir, "--steps", "2", "--log-every", "1", "--tracker", "wandb", env=env)
-    [run] = glob.glob(str(out / "wandb" / "offline-run-*"))
-    [history] = glob.glob(os.path.join(run, "*.wandb"))  # protobuf records: their keys are plain bytes
-    assert all(key in open(history, "rb").read() for key in (b"unet0/loss", b"unet1/lr", b"unet1/heldout_loss"))
-    assert glob.glob(os.path.join(run, "files", "media", "images", "unet1", "samples_*.png"))
+    env = {key: v for key, v in os.environ.items() if key != "WANDB_RUN_GROUP"}
+    env.update(WANDB_MODE="offline", WANDB_DIR=home, WANDB_CACHE_DIR=home, WANDB_CONFIG_DIR=home, WANDB_DATA_DIR=home)
+    train(out, cache_dir, "--steps", "2", "--log-every", "1", "--tracker", "wandb", "--parallel-stages", "1", env=env)
+    runs = glob.glob(str(out / "wandb" / "offline-run-*"))  # this process's (unet0, the grid), unet1's beside it
+    histories = [open(path, "rb").read() for run in runs for path in glob.glob(os.path.join(run, "*.wandb"))]
+    assert len(histories) == 2  # protobuf records: their keys and the run's group are plain bytes
+    assert all(key in b"".join(histories) for key in (b"unet0/loss", b"unet1/lr", b"unet1/heldout_loss"))
+    groups = [set(re.findall(rb"nanoimagen-[0-9a-f]{8}", history)) for history in histories]
+    assert len(groups[0]) == 1 and groups[0] == groups[1]  # one W&B group holds both runs
+    assert glob.glob(str(out / "wandb" / "offline-run-*" / "files" / "media" / "images" / "unet1" / "samples_*.png"))
 
 
 def test_a_tracker_that_is_not_installed_is_one_line_naming_the_extra(tmp_path, monkeypatch):
