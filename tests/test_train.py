@@ -35,7 +35,8 @@ def test_the_default_is_the_shapes_recipe_and_flags_override_it():
     shapes = registry.RECIPES["shapes"]
     assert cfg.recipe == "shapes" and cfg.steps == tuple(shapes["steps"]) and cfg.data == "shapes"
     assert cfg.layout_phase == ("0.5:0.75", "0") and cfg.cond_scale == (3.0, 1.0) and cfg.crop == (0, 32)
-    assert settings.cascade_config(cfg, text_spec())["sampling"]["sampler"] == ["ddpm", "dpmpp-2m"]
+    sampling = settings.cascade_config(cfg, text_spec())["sampling"]  # the checkpoint's sampling defaults
+    assert sampling["sampler"] == ["ddpm", "dpmpp-2m"] and sampling["lowres_noise"] == shapes["lowres_noise"] == 0.1
     cfg = settings.parse_config(["--steps", "10", "--lr", "5e-4", "--recipe", "real-cpu"])
     assert cfg.recipe == "real-cpu" and cfg.steps == (10, 10) and cfg.lr == (5e-4, 5e-4)
     assert cfg.unets == ("RealBaseSmall", "RealSuperSmall")
