@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import sys
+import types
 
 import pytest
 import safetensors.torch
@@ -17,7 +18,7 @@ import registry
 import sample
 import settings
 import train as train_module
-from test_cli import read_log, run, sampled, train
+from test_cli import TINY, read_log, run, sampled, train
 from test_train import parts_for
 
 
@@ -49,10 +50,25 @@ def test_wandb_offline_writes_one_group_of_runs_with_the_logged_numbers_and_the_
     assert glob.glob(str(out / "wandb" / "offline-run-*" / "files" / "media" / "images" / "unet1" / "samples_*.png"))
 
 
+def test_each_tracked_run_has_its_own_wandb_group_unless_the_user_names_one(tmp_path, cache_dir, monkeypatch):
+    groups = []  # wandb.init's group of each run, through a stand-in module: no wandb process, nothing written
+    fake = types.SimpleNamespace(Image=str, init=lambda **kw: groups.append(kw["group"]) or types.SimpleNamespace(
+        finish=lambda: None, log=lambda record: None))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_RUN_GROUP", raising=False)
+    args = [*TINY, "--steps", "1", "--cache-dir", cache_dir, "--tracker", "wandb", "--parallel-stages", "0"]
+    for run_name in ("a", "b"):  # two runs in one process, as in a notebook
+        train_module.main([*args, "--out", str(tmp_path / run_name)])
+    assert len(groups) == 2 and groups[0] != groups[1] and "WANDB_RUN_GROUP" not in os.environ
+    monkeypatch.setenv("WANDB_RUN_GROUP", "mine")
+    train_module.main([*args, "--out", str(tmp_path / "c")])
+    assert groups[2] == "mine"
+
+
 def test_a_tracker_that_is_not_installed_is_one_line_naming_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
     with pytest.raises(ValueError, match=r'--tracker wandb: pip install -e "\.\[wandb\]"'):
-        train_module.Tracker("wandb", str(tmp_path), {})
+        train_module.Tracker("wandb", str(tmp_path), {}, "a-group")
 
 
 def fake_devices(monkeypatch, cuda, mps):
