@@ -50,19 +50,21 @@ def test_wandb_offline_writes_one_group_of_runs_with_the_logged_numbers_and_the_
     assert glob.glob(str(out / "wandb" / "offline-run-*" / "files" / "media" / "images" / "unet1" / "samples_*.png"))
 
 
-def test_each_tracked_run_has_its_own_wandb_group_unless_the_user_names_one(tmp_path, cache_dir, monkeypatch):
-    groups = []  # wandb.init's group of each run, through a stand-in module: no wandb process, nothing written
-    fake = types.SimpleNamespace(Image=str, init=lambda **kw: groups.append(kw["group"]) or types.SimpleNamespace(
-        finish=lambda: None, log=lambda record: None))
-    monkeypatch.setitem(sys.modules, "wandb", fake)
+def test_a_tracked_run_has_a_wandb_group_of_its_own_unless_the_user_names_one(tmp_path, cache_dir, monkeypatch):
+    def init(group=None, **_):  # a stand-in wandb.init: no wandb process, nothing written; W&B's own default group
+        groups.append(group or os.environ.get("WANDB_RUN_GROUP"))
+        return types.SimpleNamespace(finish=lambda: None, log=lambda record: None)
+    groups = []
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(Image=str, init=init))
     monkeypatch.delenv("WANDB_RUN_GROUP", raising=False)
+    monkeypatch.setattr(train_module.StopSignal, "install", lambda: None)  # leave pytest's own Ctrl-C alone
     args = [*TINY, "--steps", "1", "--cache-dir", cache_dir, "--tracker", "wandb", "--parallel-stages", "0"]
-    for run_name in ("a", "b"):  # two runs in one process, as in a notebook
-        train_module.main([*args, "--out", str(tmp_path / run_name)])
-    assert len(groups) == 2 and groups[0] != groups[1] and "WANDB_RUN_GROUP" not in os.environ
+    train_module.main([*args, "--out", str(tmp_path / "a")])
+    assert re.fullmatch("nanoimagen-[0-9a-f]{8}", groups[0])
+    assert "WANDB_RUN_GROUP" not in os.environ  # a next run in this process (a notebook) is not in this one's group
     monkeypatch.setenv("WANDB_RUN_GROUP", "mine")
-    train_module.main([*args, "--out", str(tmp_path / "c")])
-    assert groups[2] == "mine"
+    train_module.main([*args, "--out", str(tmp_path / "b")])
+    assert groups[1] == "mine"
 
 
 def test_a_tracker_that_is_not_installed_is_one_line_naming_the_extra(tmp_path, monkeypatch):
