@@ -281,10 +281,9 @@ def train_stage(cfg, config, cascade, k, train_set, heldout, cache, log, dist_in
 def shared_clock_and_signal(elapsed, rank, world, device):
     """(training seconds, stop signal number): under DDP every rank takes rank 0's clock and any rank's signal, so
     that all ranks stop at the same step."""
-    signum = StopSignal.signum
     if world == 1:
-        return elapsed, signum
-    shared = torch.tensor([elapsed if rank == 0 else 0.0, signum], dtype=torch.float64, device=device)
+        return elapsed, StopSignal.signum
+    shared = torch.tensor([elapsed if rank == 0 else 0.0, StopSignal.signum], dtype=torch.float64, device=device)
     dist.all_reduce(shared, dist.ReduceOp.MAX)  # clocks and signal numbers are >= 0
     return shared[0].item(), int(shared[1].item())
 
@@ -463,14 +462,16 @@ class Tracker:
     """--tracker wandb or tensorboard: each log.jsonl record's numbers as scalars `unetK/name` at the record's step,
     its sample grid as the image `unetK/samples`. The package is imported here, and only when chosen."""
 
-    def __init__(self, kind, out, settings, group):
+    def __init__(self, kind, out, settings):
         self.kind = kind
         try:
             module = importlib.import_module("wandb" if kind == "wandb" else "torch.utils.tensorboard")
         except ImportError as e:
             raise ValueError(f'--tracker {kind}: pip install -e ".[{kind}]" ({imagen.first_line(e)})') from None
-        if kind == "wandb":  # one W&B group holds the runs of a command's stages (--parallel-stages: processes)
-            self.run = module.init(project="nanoimagen", dir=out, config=settings, group=group)
+        if kind == "wandb":  # the stages of one --out folder (--parallel-stages: processes) are one W&B group
+            folder = hashlib.sha1(os.path.abspath(out).encode()).hexdigest()[:8]  # alike in every stage's process
+            self.run = module.init(project="nanoimagen", dir=out, config=settings,
+                                   group=os.environ.get("WANDB_RUN_GROUP") or f"nanoimagen-{folder}")
             self.image, self.close = module.Image, self.run.finish  # W&B writes the run's summary only at finish
         else:
             self.writer = module.SummaryWriter(os.path.join(out, "tensorboard"))
@@ -507,9 +508,8 @@ def describe(cfg):
             f"batch {batches}, lr {lrs}, EMA {cfg.ema_decay:g}, {', '.join(cfg.precision)}, data {cfg.data}")
 
 
-def train(cfg, beside=False, group=None):
+def train(cfg, beside=False):
     """Data -> text cache -> cascade -> every stage's loop -> the final sample grid (left to the first if `beside`)."""
-    group = group or os.environ.get("WANDB_RUN_GROUP") or f"nanoimagen-{os.urandom(4).hex()}"  # W&B runs' group
     StopSignal.install()
     rank, world, device = setup_distributed(cfg.device)
     if rank == 0 and not beside:
@@ -523,7 +523,7 @@ def train(cfg, beside=False, group=None):
     encoder = text.resolve(cfg.encoder, registry.ENCODERS)
     config = cascade_config(cfg, encoder)
     os.makedirs(cfg.out, exist_ok=True)
-    track = rank == 0 and cfg.tracker != "none" and Tracker(cfg.tracker, cfg.out, dataclasses.asdict(cfg), group)
+    track = Tracker(cfg.tracker, cfg.out, dataclasses.asdict(cfg)) if rank == 0 and cfg.tracker != "none" else None
     cache = text.EmbeddingCache(cfg.cache_dir, encoder, config["max_text_len"], device, cfg.encoder_dtype)
     if world > 1:
         dist.barrier()  # every rank has read the same cache state before the work is split
@@ -548,7 +548,7 @@ def train(cfg, beside=False, group=None):
             log_file.flush()
 
     stages = [cfg.only_unet] if cfg.only_unet >= 0 else list(range(len(cfg.unets)))
-    jobs = start_beside(cfg, stages, group) if cfg.parallel_stages and device.type == "cpu" and world == 1 else {}
+    jobs = start_beside(cfg, stages) if cfg.parallel_stages and device.type == "cpu" and world == 1 else {}
     try:
         for k in stages:
             parts = None  # the last stage's optimizer and EMA are freed before this stage is built
@@ -572,20 +572,20 @@ def train(cfg, beside=False, group=None):
         dist.barrier()  # no rank tears the group down while rank 0 still writes
 
 
-def start_beside(cfg, stages, group):
+def start_beside(cfg, stages):
     """--parallel-stages: every stage after the first trains in a new process of its own (as --only-unet K), each on
     a fixed equal share of the cores, while this one trains the first -> {stage: its process}."""
     share = str(max(1, STARTUP_THREADS // len(stages)))
     jobs = {k: multiprocessing.get_context("spawn").Process(target=main, kwargs=dict(cfg=dataclasses.replace(
-        cfg, only_unet=k, parallel_stages=0, threads=share), beside=True, group=group)) for k in stages[1:]}
+        cfg, only_unet=k, parallel_stages=0, threads=share), beside=True)) for k in stages[1:]}
     for job in jobs.values():
         job.start()
     return jobs
 
 
-def main(argv=None, cfg=None, beside=False, group=None):
+def main(argv=None, cfg=None, beside=False):
     try:
-        train(cfg or parse_config(argv), beside, group)
+        train(cfg or parse_config(argv), beside)
     except (ValueError, OSError) as e:  # bad flags, checkpoints, data folders, encoder ids; a full disk
         raise SystemExit(f"error: {imagen.first_line(e)}")
     except torch.OutOfMemoryError:  # the last checkpoint on disk is whole: saves are atomic

@@ -70,7 +70,7 @@ def test_a_tracked_run_has_a_wandb_group_of_its_own_unless_the_user_names_one(tm
 def test_a_tracker_that_is_not_installed_is_one_line_naming_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
     with pytest.raises(ValueError, match=r'--tracker wandb: pip install -e "\.\[wandb\]"'):
-        train_module.Tracker("wandb", str(tmp_path), {}, "a-group")
+        train_module.Tracker("wandb", str(tmp_path), {})
 
 
 def fake_devices(monkeypatch, cuda, mps):
