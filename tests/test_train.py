@@ -34,7 +34,7 @@ def test_the_default_is_the_shapes_recipe_and_flags_override_it():
     cfg = settings.parse_config([])
     shapes = registry.RECIPES["shapes"]
     assert cfg.recipe == "shapes" and cfg.steps == tuple(shapes["steps"]) and cfg.data == "shapes"
-    assert cfg.layout_phase == ("0.5:0.7", "0") and cfg.cond_scale == (3.0, 1.0) and cfg.crop == (0, 32)
+    assert cfg.layout_phase == ("0.5:0.75", "0") and cfg.cond_scale == (3.0, 1.0) and cfg.crop == (0, 32)
     sampling = settings.cascade_config(cfg, text_spec())["sampling"]  # the checkpoint's sampling defaults
     assert sampling["sampler"] == ["ddpm", "dpmpp-2m"] and sampling["lowres_noise"] == shapes["lowres_noise"] == 0.1
     cfg = settings.parse_config(["--steps", "10", "--lr", "5e-4", "--recipe", "real-cpu"])
