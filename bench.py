@@ -39,7 +39,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--sections", default="train,loop,sample", help="comma list of: " + ", ".join(SECTIONS))
-    a("--recipe", default="shapes", help="train: the recipe measured: " + ", ".join(registry.RECIPES.names()))
+    a("--recipe", default="shapes", help="train: the recipe whose cascade is measured: " + ", ".join(
+        registry.RECIPES.names()))
     a("--presets", default=None, help="train: U-Net presets instead of the recipe's, as train.py --unets")
     a("--sizes", default=None, help="train: their image sizes, as train.py --sizes")
     a("--batch-size", type=int, default=None, help="train: images per step (default: the recipe's)")

@@ -145,7 +145,8 @@ def eval_data(cascade, stop_at, cache, sample, *, dataset, data_spec, n, n_train
     if empty := [name for name, indices in chosen.items() if not indices]:
         raise ValueError(f"--data {data_spec!r} has no usable {empty[0]} sample to rank")
     grids = {name: os.path.join(folder, f"{name}.png") for name in chosen}
-    scores = {name: retrieval(dataset, ids, pictures, rows, sample, grids[name]) for name, ids in chosen.items()}
+    scores = {name: retrieval(dataset, indices, pictures, rows, sample, grids[name])
+              for name, indices in chosen.items()}
     looked_up = [rows[i] for i in caption_lookup(cache, dataset.captions(), chosen["heldout"], trained)]  # [h]
     lookup = retrieval_ranks(pictures[looked_up], pictures, torch.tensor([rows[i] for i in chosen["heldout"]]))
     log = os.path.join(folder, "log.jsonl")

@@ -179,10 +179,10 @@ def unet_kwargs(name):
 # on one GPU); any flag overrides them. Per-stage values are lists, one per U-Net.
 RECIPES = Registry("recipe", {
     # The built-in shapes data on a 2-core CPU, fp32 (bf16 drew fewer shapes). The base's layout phase (noise >= 0.95,
-    # x0 loss, middle quarter, half batches) places objects; SR at 2x its rate beside the base, sampled by dpmpp-2m
-    # at low-res noise 0.1 (docs). Scenes render between steps: on two cores a loader worker would take a core.
-    "shapes": dict(unets=["base-tiny", "super-small"], steps=[3200, 1600], lr=[1e-3, 2e-3], warmup=100, ema_decay=0.995,
-                   layout_phase=["0.5:0.75", "0"], layout_level=0.95, layout_batch=16, cond_scale=[3.0, 1.0],
+    # x0 loss, middle quarter) places objects; SR at 2x its rate beside the base, sampled by dpmpp-2m at low-res noise
+    # 0.1 (docs). Scenes render between steps: on two cores a loader worker would take a core from training.
+    "shapes": dict(unets=["base-tiny", "super-small"], data="shapes", steps=[3200, 1600], lr=[1e-3, 2e-3], warmup=100,
+                   ema_decay=0.995, layout_phase=["0.5:0.75", "0"], layout_level=0.95, cond_scale=[3.0, 1.0],
                    sampler=["ddpm", "dpmpp-2m"], lowres_noise=0.1, precision=["fp32"], workers=0, parallel_stages=1),
     # Your own captioned folder on a 2-core CPU: 32 -> 64 px; the learning rate decays to 0.1x over the budget, and
     # the base's high-noise phase is what makes it draw a caption's own picture (docs/experiments.md, real data)

@@ -56,7 +56,6 @@ class Config:
     layout_phase: tuple = setting(("0",), "START:END per U-Net: the fractions of its steps trained on an x0 loss at "
                                   "noise levels from --layout-level to 1 only (where layouts form); 0: none")
     layout_level: float = setting(0.95, "lowest noise level of the layout phase, in [0, 1)")
-    layout_batch: int = setting(0, "images per micro-step in the layout phase, at most: the first of each (0: all)")
     hflip: bool = setting(False, "random horizontal flips, seeded by the sample's position (break 'left'/'right')")
     holdout: float = setting(0.02, "samples never trained on: a count, or a fraction below 1")
     cond_scale: tuple = setting((), "sampling default per U-Net: guidance scale (default 3 for the base, 1 after)")
@@ -93,9 +92,9 @@ PER_STAGE = dict(unets=str, sizes=int, steps=int, minutes=float, batch_size=int,
                  min_snr_gamma=float, crop=int, layout_phase=str, cond_scale=float, sampler=str, sample_steps=int)
 # Settings that a resume must share with the checkpoint: another value would change what the run means.
 SAME_ON_RESUME = ("data", "seed", "holdout", "hflip", "lr", "warmup", "lr_final", "grad_clip", "ema_decay",
-                  "grad_accum", "batch_size", "precision", "layout_phase", "layout_level", "layout_batch")
+                  "grad_accum", "batch_size", "precision", "layout_phase", "layout_level")
 LEAST = dict(steps=1, batch_size=1, timesteps=2, sample_steps=1, grad_accum=1, log_every=1, save_every=0,
-             sample_every=0, eval_every=0, keep=0, workers=0, warmup=0, minutes=0, layout_batch=0)
+             sample_every=0, eval_every=0, keep=0, workers=0, warmup=0, minutes=0)
 
 
 def parse_config(argv=None):
@@ -211,14 +210,6 @@ def check(cfg):
         raise ValueError(f"--compile {cfg.compile} needs --grad-accum 1 (got {cfg.grad_accum}): a CUDA graph's "
                          "replay overwrites the gradients that the last micro-step left; use --compile default")
     return cfg
-
-
-def describe(cfg):
-    """The run's first line: the recipe, stages, sizes and budget it took."""
-    recipe = f"recipe {cfg.recipe}" if cfg.recipe else "no recipe (defaults for a real run)"
-    sizes, batches, lrs = (", ".join(f"{v:g}" for v in values) for values in (cfg.sizes, cfg.batch_size, cfg.lr))
-    return (f"{recipe}: U-Nets {', '.join(cfg.unets)} at {sizes} px, {' + '.join(map(str, cfg.steps))} steps of "
-            f"batch {batches}, lr {lrs}, EMA {cfg.ema_decay:g}, {', '.join(cfg.precision)}, data {cfg.data}")
 
 
 def layout_window(window):

@@ -34,7 +34,7 @@ import data
 import imagen
 import registry
 import text
-from settings import PER_STAGE, SAME_ON_RESUME, cascade_config, describe, layout_window, parse_config
+from settings import PER_STAGE, SAME_ON_RESUME, cascade_config, layout_window, parse_config
 
 GRID_PROMPTS, HELDOUT_N = 8, 64  # images in a sample grid; held-out samples whose loss is logged
 MAX_UNUSABLE = 1000  # consecutive unusable samples (unreadable image or no caption) before training stops
@@ -225,8 +225,6 @@ def train_stage(cfg, config, cascade, k, train_set, heldout, cache, log, dist_in
             state["data_digest"] = hashlib.sha1("\n".join([state["data_digest"], *captions]).encode()).hexdigest()
             micro_batches.append(model_inputs(images, captions, cache, cfg, k, device, parts.memory_format, flip_seed))
         level = layout_level(cfg, k, state["step"])
-        if level is not None and cfg.layout_batch:  # the phase's x0 loss at high noise needs fewer images a step
-            micro_batches = [tuple(t[:cfg.layout_batch] for t in batch) for batch in micro_batches]
         loss, outcome = optimizer_step(parts, micro_batches, learning_rate(cfg, k, state["step"]), level, world,
                                        cfg.grad_clip)
         seconds = time.perf_counter() - start
@@ -243,12 +241,12 @@ def train_stage(cfg, config, cascade, k, train_set, heldout, cache, log, dist_in
         if outcome != "applied":
             continue
         bad_steps, state["step"] = 0, state["step"] + 1
-        step, trained = state["step"], sum(len(batch[0]) for batch in micro_batches) * world  # images this step
+        step, ips = state["step"], cfg.batch_size[k] * cfg.grad_accum * world / seconds
         bar.update()
-        bar.set_postfix(loss=f"{loss:.4f}", **shown, img_s=f"{trained / seconds:.1f}", threads=threads, refresh=False)
+        bar.set_postfix(loss=f"{loss:.4f}", **shown, img_s=f"{ips:.1f}", threads=threads, refresh=False)
         if step % cfg.log_every == 0:
             log(dict(unet=k, step=step, loss=loss, lr=learning_rate(cfg, k, step - 1), layout_level=level,
-                     images=trained, img_per_s=round(trained / seconds, 1), threads=threads, skipped=state["skipped"],
+                     img_per_s=round(ips, 1), threads=threads, skipped=state["skipped"],
                      minutes=round(state["elapsed"] / 60, 2), data_digest=state["data_digest"][:16]))
         if cfg.save_every and step % cfg.save_every == 0:
             save()
@@ -502,14 +500,23 @@ def end_run(rank, message, status):
     raise SystemExit(status)
 
 
+def describe(cfg):
+    """The run's first line: the recipe, stages, sizes and budget it took."""
+    recipe = f"recipe {cfg.recipe}" if cfg.recipe else "no recipe (defaults for a real run)"
+    sizes, batches, lrs = (", ".join(f"{v:g}" for v in values) for values in (cfg.sizes, cfg.batch_size, cfg.lr))
+    return (f"{recipe}: U-Nets {', '.join(cfg.unets)} at {sizes} px, {' + '.join(map(str, cfg.steps))} steps of "
+            f"batch {batches}, lr {lrs}, EMA {cfg.ema_decay:g}, {', '.join(cfg.precision)}, data {cfg.data}")
+
+
 def train(cfg, beside=False):
     """Data -> text cache -> cascade -> every stage's loop -> the final sample grid (left to the first if `beside`)."""
     StopSignal.install()
     rank, world, device = setup_distributed(cfg.device)
     if rank == 0 and not beside:
         print(describe(cfg))
-    dataset = data.make_dataset(cfg.data, cfg.sizes[-1], seed=cfg.seed)
-    train_set, heldout_set = data.holdout_split(dataset, cfg.holdout, cfg.sizes[-1])
+    size = cfg.sizes[-1]
+    dataset = data.make_dataset(cfg.data, size, seed=cfg.seed)
+    train_set, heldout_set = data.holdout_split(dataset, cfg.holdout, size)
     if getattr(dataset, "truncated", None):
         print(f"warning: {len(dataset.truncated)} truncated shards (first: {dataset.truncated[0]}): their samples "
               "up to the break are used, the rest skipped")
