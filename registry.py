@@ -140,11 +140,10 @@ UNETS = Registry("unet preset", {
     # Imagen paper sizes (arXiv 2205.11487 App. F; ~1.6B / ~0.7B parameters with 512-d text).
     "Base": BASE,
     "Super": SUPER,
-    # CPU-trainable presets for the shapes recipe: BaseTiny is BaseSmall at half the width, without self-attention
-    # at 8 px (cross-attention stays); SuperSmall has one ResnetBlock a side at 64 px, not two (docs/).
+    # The shapes recipe's CPU presets (docs/): BaseTiny, BaseSmall at half width, no self-attention at 8 px.
     "BaseSmall": BASE_SMALL,
     "BaseTiny": {**BASE_SMALL, "dim": 16, "layer_attns": (False, False, True)},
-    "SuperSmall": {**SUPER_SMALL, "num_resnet_blocks": (0, 1, 1)},
+    "SuperSmall": {**SUPER_SMALL, "num_resnet_blocks": (0, 1, 1)},  # one ResnetBlock a side at 64 px
     # Real captioned images (photos, icons): none of the shapes-specific inputs (coordinates, a text convolution),
     # text long enough for real captions. One GPU (bf16): a 64 px base, 64->256 and 256->1024 efficient SR U-Nets
     # (Imagen App. F drops self-attention at 1024 px and keeps cross-attention).
