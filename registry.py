@@ -151,7 +151,7 @@ UNETS = Registry("unet preset", {
     "Super256": {**SUPER, "dim_mults": (1, 2, 4, 6), "num_resnet_blocks": (2, 2, 4, 4),
                  "layer_cross_attns": (False, False, True, True), "max_text_len": 64},
     "Super1024": {**SUPER, "size": 1024, "num_resnet_blocks": (2, 2, 4, 4), "layer_attns": False, "max_text_len": 64},
-    # ... and a CPU-trainable 32 -> 64 pair: BaseSmall / SuperSmall without the shapes tricks, 32 text tokens.
+    # ... and a CPU-trainable 32 -> 64 pair: BaseSmall / SUPER_SMALL without the shapes tricks, 32 text tokens.
     "RealBaseSmall": REAL_BASE_SMALL,
     "RealSuperSmall": {**SUPER_SMALL, "max_text_len": 32},
 })
