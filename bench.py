@@ -1,9 +1,9 @@
 """Benchmark the cascade on this machine: `python bench.py --ckpt out` prints markdown tables and writes JSON.
 
-train: images/s, peak memory and model FLOP utilisation of a training step per stage (fp32/bf16 x channels_last x
-compile; cached text vs minilm each step). loop: a real train.py run's loop beside its isolated step, its wall clock
-split by part. presets: parameters, GFLOP per image and training memory of every U-Net preset. sample: seconds per
-image and eval scores per sampler, against ancestral DDPM over all T steps. Speed is measured here, never in tests.
+train: images/s, peak memory and model FLOP utilisation of a training step per stage (fp32, and bf16 where --precision
+auto picks it, x channels_last x compile; cached text vs minilm each step). loop: a real train.py run's loop beside its
+isolated step, its wall clock split by part. presets: parameters, GFLOP per image and training memory of every U-Net
+preset. sample: seconds per image and eval scores per sampler, against ancestral DDPM. Speed is measured here only.
 """
 import argparse
 import contextlib
@@ -138,15 +138,16 @@ def train_case(case):
 
 def bench_train(args):
     """Rows of every (stage, precision, channels_last, compile) with cached text, then minilm-each-step at train.py's
-    defaults, uncompiled and compiled."""
+    defaults. bf16 only where --precision auto picks it: emulated (no AVX512-BF16), a 4096³ torch.mm takes minutes."""
     cfg = bench_config(args)
     spec = text.resolve(cfg.encoder, registry.ENCODERS)
     stages = range(len(cfg.unets))
     compile_modes = list(dict.fromkeys((None, args.compile)))  # uncompiled, and --compile's mode if given
+    precisions = list(dict.fromkeys(("fp32", bench_config(args, precision="auto", device=args.device).precision[0])))
     cases = [(args, k, p, cl, c, "cached") for k, p, cl, c in
-             itertools.product(stages, ("fp32", "bf16"), (0, 1), compile_modes)]
+             itertools.product(stages, precisions, (0, 1), compile_modes)]
     cases += [(args, k, None, None, c, "encoded") for k in stages for c in compile_modes]  # minilm each step
-    rows, peaks = in_fresh_processes(train_case, cases), matmul_peaks(torch.device(args.device))
+    rows, peaks = in_fresh_processes(train_case, cases), matmul_peaks(torch.device(args.device), precisions)
     config, datasheet = cascade_config(cfg, spec), DATASHEET_TFLOPS.get(machine(args)["device"].split()[-1], {})
     flops = {k: imagen.training_cost(config, k, cfg.batch_size[k])["flops"] / cfg.batch_size[k] for k in stages}
     for row in rows:  # model FLOP/s over the measured matmul peak (MFU), and over the datasheet's where known
@@ -160,13 +161,12 @@ def bench_train(args):
                    for p, v in peaks.items()]
 
 
-def matmul_peaks(device):
-    """Measured FLOP/s of a MATMUL_N³ torch.mm in fp32 and bf16: the best of 3 after a warm-up."""
+def matmul_peaks(device, precisions):
+    """Measured FLOP/s of a MATMUL_N³ torch.mm in each precision: the best of 4 (the first warms up)."""
     peaks = {}
-    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = (torch.randn(MATMUL_N, MATMUL_N, device=device, dtype=dtype) for _ in range(2))
-        torch.mm(a, b)
-        peaks[precision] = 2 * MATMUL_N ** 3 / min(timed(lambda: torch.mm(a, b), device)[1] for _ in range(3))
+    for precision in precisions:
+        a, b = (torch.randn(MATMUL_N, MATMUL_N, device=device, dtype=text.DTYPES[precision]) for _ in range(2))
+        peaks[precision] = 2 * MATMUL_N ** 3 / min(timed(lambda: torch.mm(a, b), device)[1] for _ in range(4))
     return peaks
 
 

@@ -22,11 +22,11 @@ def test_bench_writes_every_section(tmp_path):
     assert "## sample" in proc.stdout and results["machine"]["threads"] >= 1
     steps = [r for r in results["train"] if "text" in r]  # then one row per precision: torch.mm's measured peak
     default = settings.resolve(dict(unets="base-test")).precision[0]  # auto: bf16 where this CPU computes it natively
+    precisions = {"fp32", default}  # bf16 only where this CPU computes it natively: emulated, it takes minutes
     assert {(r["precision"], r["channels_last"], r["text"]) for r in steps} == {
-        ("fp32", False, "cached"), ("fp32", True, "cached"), ("bf16", False, "cached"), ("bf16", True, "cached"),
-        (default, True, "encoded")}
+        (p, cl, "cached") for p in precisions for cl in (False, True)} | {(default, True, "encoded")}
     assert all(r["images_per_s"] > 0 and r["peak_mib"] >= 0 and r["mfu_measured_peak"] >= 0 for r in steps)
-    assert {r["precision"] for r in results["train"] if "text" not in r} == {"fp32", "bf16"}
+    assert {r["precision"] for r in results["train"] if "text" not in r} == precisions
     loop = {r["part"]: r for r in results["loop"]}  # the loop's wall clock, split into parts that add up to it
     assert loop["loop"]["images_per_s"] > 0 and len(loop["isolated step"]["images_per_s"]) == 2  # before, after
     assert min(loop["isolated step"]["images_per_s"]) > 0
